@@ -1,0 +1,128 @@
+//! The `gateway` command line: `run` starts the daemon; every other subcommand is a client of
+//! its admin socket. `main` parses once, runs, and prints an error once, as a sentence.
+mod args;
+mod lists;
+mod stats;
+mod status;
+
+use std::{path::Path, process::ExitCode};
+
+use clap::Parser as _;
+
+pub use self::args::Cli;
+use self::args::{Command, RunArgs};
+use crate::{
+    admin::client::{AdminClient, ClientError},
+    config::{Config, default_admin_socket},
+    daemon::{self, RunOptions},
+    xdp::ListKind,
+};
+
+/// Exit codes, so scripts can tell a usage error from a daemon that is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Success = 0,
+    /// Something failed (a partial import included).
+    Failure = 1,
+    /// Bad arguments, CIDRs or config.
+    Usage = 2,
+    /// The daemon is not running or not reachable.
+    Unavailable = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// An error to print once, with the exit code it maps to.
+pub struct Failure {
+    pub exit: Exit,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        let error = error.into();
+        let exit = match error.downcast_ref::<ClientError>() {
+            Some(ClientError::NotRunning { .. } | ClientError::PermissionDenied { .. }) => {
+                Exit::Unavailable
+            }
+            _ if error.downcast_ref::<crate::config::ConfigError>().is_some() => Exit::Usage,
+            _ => Exit::Failure,
+        };
+        Failure { exit, error }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(exit) => exit.into(),
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            failure.exit.into()
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Exit, Failure> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_admin_socket(&cli.instance));
+    match cli.command {
+        Command::Run(args) => run_daemon(args),
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            println!(
+                "{}: OK (instance `{}`, {} interface(s), {} allowlist and {} blocklist entries)",
+                file.display(),
+                config.instance,
+                config.xdp.interfaces.len(),
+                config.xdp.allowlist.len(),
+                config.xdp.blocklist.len()
+            );
+            Ok(Exit::Success)
+        }
+        Command::Block(command) => lists::run(&mut connect(&socket)?, ListKind::Block, command),
+        Command::Allow(command) => lists::run(&mut connect(&socket)?, ListKind::Allow, command),
+        Command::Stats(args) => stats::run(&mut connect(&socket)?, &args),
+        Command::Status(args) => status::run(&mut connect(&socket)?, args.json),
+    }
+}
+
+fn connect(socket: &Path) -> Result<AdminClient, Failure> {
+    Ok(AdminClient::connect(socket)?)
+}
+
+fn run_daemon(args: RunArgs) -> Result<Exit, Failure> {
+    init_logging(args.log_json);
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()?;
+    runtime.block_on(daemon::run(
+        config,
+        RunOptions {
+            mode: args.xdp_mode.map(Into::into),
+            replace_stale_pins: args.replace_stale_pins,
+        },
+    ))?;
+    Ok(Exit::Success)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

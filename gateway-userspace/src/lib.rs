@@ -1,0 +1,16 @@
+//! The gateway daemon and its control plane.
+//!
+//! - [`xdp`]: loading, pinning and attaching the XDP program; typed handles on its maps.
+//! - [`lists`]: the allowlist and blocklist as the operator sees them (origin, reason, expiry),
+//!   kept in step with the kernel maps and persisted across restarts.
+//! - [`admin`]: the root-only Unix-socket API that the CLI talks to.
+//! - [`config`]: the daemon's TOML file, parsed and validated.
+//! - [`cli`]: the `gateway` command line.
+//! - [`daemon`]: `gateway run`, wiring the above together.
+pub mod admin;
+pub mod cidr;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod lists;
+pub mod xdp;
