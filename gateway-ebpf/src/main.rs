@@ -333,8 +333,8 @@ fn ipv6_non_first_fragment(
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         match next_header {
             IPPROTO_FRAGMENT => {
-                // Next header, reserved, then offset (13 bits) + flags.
-                let fragment: [u8; 4] = read(ctx, offset)?;
+                // Next header, reserved, offset (13 bits) + flags, identification.
+                let fragment: [u8; 8] = read(ctx, offset)?;
                 return Ok(u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0);
             }
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MOBILITY
@@ -350,6 +350,10 @@ fn ipv6_non_first_fragment(
             }
             // Anything else ends the chain: L4, ESP, or "no next header".
             _ => return Ok(false),
+        }
+        // The header just skipped must be present in full.
+        if ctx.data() + offset > ctx.data_end() {
+            return Err(Malformed);
         }
     }
     Err(Malformed)

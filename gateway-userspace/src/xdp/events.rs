@@ -17,7 +17,8 @@ pub struct RateLimitTrip {
 }
 
 impl RateLimitTrip {
-    fn decode(bytes: &[u8]) -> Option<RateLimitTrip> {
+    /// Decodes one ring-buffer record; `None` for a record of the wrong size or family.
+    pub fn decode(bytes: &[u8]) -> Option<RateLimitTrip> {
         if bytes.len() < size_of::<RateLimitEvent>() {
             return None;
         }
