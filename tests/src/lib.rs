@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: crafted packets ([`packet`]) and the privilege
 //! check that lets root-only tests skip, loudly, outside CI.
+pub mod netns;
 pub mod packet;
 
 /// Whether this test may run: root is required; outside CI a non-root run skips with a message,

@@ -143,7 +143,16 @@ impl<D: DataPlane> Lists<D> {
             entries: HashMap::new(),
             dirty: false,
         };
+        // What pinned maps already hold: on a daemon restart that is everything, and rewriting
+        // a million unchanged entries would only delay the start.
+        let mut in_kernel: HashMap<(ListKind, Cidr), u64> = HashMap::new();
+        for list in [ListKind::Allow, ListKind::Block] {
+            for (cidr, entry) in lists.plane.entries(list)? {
+                in_kernel.insert((list, cidr), entry.expires_at_ns);
+            }
+        }
         for record in persisted {
+            let key = (record.list, record.cidr);
             let expires_at_ns = match record.expires_unix_ms {
                 None => 0,
                 Some(unix_ms) => match clocks.to_monotonic_ns(unix_ms) {
@@ -151,11 +160,19 @@ impl<D: DataPlane> Lists<D> {
                     None => continue, // expired while we were down
                 },
             };
-            lists
-                .plane
-                .upsert(record.list, record.cidr, expires_at_ns)?;
+            // The state file keeps milliseconds of wall-clock time; the kernel's deadline is the
+            // exact one when the entry is still pinned.
+            let expires_at_ns = match in_kernel.remove(&key) {
+                Some(kernel) if kernel.abs_diff(expires_at_ns) < 1_000_000_000 => kernel,
+                _ => {
+                    lists
+                        .plane
+                        .upsert(record.list, record.cidr, expires_at_ns)?;
+                    expires_at_ns
+                }
+            };
             lists.entries.insert(
-                (record.list, record.cidr),
+                key,
                 Meta {
                     expires_at_ns,
                     origin: record.origin,
@@ -164,27 +181,29 @@ impl<D: DataPlane> Lists<D> {
                 },
             );
         }
-        for list in [ListKind::Allow, ListKind::Block] {
-            for (cidr, entry) in lists.plane.entries(list)? {
-                if lists.entries.contains_key(&(list, cidr)) {
-                    continue;
-                }
-                if entry.expires_at_ns != 0 && entry.expires_at_ns <= clocks.monotonic_ns {
-                    lists.plane.remove(list, cidr)?;
-                    continue;
-                }
-                tracing::warn!(list = list.name(), %cidr, "kept an entry found only in the pinned maps");
-                lists.dirty = true;
-                lists.entries.insert(
-                    (list, cidr),
-                    Meta {
-                        expires_at_ns: entry.expires_at_ns,
-                        origin: Origin::Recovered,
-                        reason: None,
-                        added_unix_ms: clocks.unix_ms,
-                    },
-                );
+        let mut recovered = 0usize;
+        for ((list, cidr), expires_at_ns) in in_kernel {
+            if expires_at_ns != 0 && expires_at_ns <= clocks.monotonic_ns {
+                lists.plane.remove(list, cidr)?;
+                continue;
             }
+            recovered += 1;
+            lists.dirty = true;
+            lists.entries.insert(
+                (list, cidr),
+                Meta {
+                    expires_at_ns,
+                    origin: Origin::Recovered,
+                    reason: None,
+                    added_unix_ms: clocks.unix_ms,
+                },
+            );
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "kept entries found only in the pinned maps (the state file missed them, e.g. after a crash); they are listed with origin `recovered`"
+            );
         }
         lists.apply_config(config, clocks)?;
         Ok(lists)

@@ -62,6 +62,10 @@ impl Tier {
         }
     }
 
+    fn index(self) -> usize {
+        self as usize
+    }
+
     const ALL: [Tier; 6] = [
         Tier::AllowV4,
         Tier::AllowV6,
@@ -132,10 +136,10 @@ impl KernelMaps {
             .config
             .get(&0, 0)
             .map_err(map_error(maps::CONFIG, "reading"))?;
-        for (i, tier) in Tier::ALL.into_iter().enumerate() {
-            maps.counts[i] = maps.tier_entries(tier)?.len();
+        for tier in Tier::ALL {
+            maps.counts[tier.index()] = maps.tier_len(tier)?;
         }
-        maps.write_settings()?;
+        maps.write_settings(0)?;
         Ok(maps)
     }
 
@@ -147,9 +151,10 @@ impl KernelMaps {
             .fold(0, |bits, (tier, _)| bits | tier.presence_bit())
     }
 
-    fn write_settings(&mut self) -> Result<(), XdpError> {
+    /// Writes the settings with the presence bits of the non-empty tries plus `extra_presence`.
+    fn write_settings(&mut self, extra_presence: u32) -> Result<(), XdpError> {
         let mut settings = self.settings;
-        settings.presence = self.presence();
+        settings.presence = self.presence() | extra_presence;
         self.config
             .set(0, settings, 0)
             .map_err(map_error(maps::CONFIG, "writing"))
@@ -200,6 +205,76 @@ impl KernelMaps {
         }
         Ok(out)
     }
+
+    /// Number of entries in a tier, walking keys only (one syscall per entry).
+    fn tier_len(&self, tier: Tier) -> Result<usize, XdpError> {
+        let keys: Box<dyn Iterator<Item = Result<(), MapError>>> = match tier {
+            Tier::AllowV4 => Box::new(self.allow_v4.keys().map(|k| k.map(drop))),
+            Tier::AllowV6 => Box::new(self.allow_v6.keys().map(|k| k.map(drop))),
+            Tier::BlockV4Prefix => Box::new(self.block_v4_prefix.keys().map(|k| k.map(drop))),
+            Tier::BlockV6Prefix => Box::new(self.block_v6_prefix.keys().map(|k| k.map(drop))),
+            Tier::BlockV4 => Box::new(self.block_v4.keys().map(|k| k.map(drop))),
+            Tier::BlockV6 => Box::new(self.block_v6.keys().map(|k| k.map(drop))),
+        };
+        let mut count = 0;
+        for key in keys {
+            key.map_err(map_error(tier.map_name(), "reading"))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn tier_get(&self, tier: Tier, cidr: &Cidr) -> Result<ListEntry, MapError> {
+        let len = u32::from(cidr.prefix_len());
+        match tier {
+            Tier::AllowV4 => self.allow_v4.get(&Key::new(len, v4_bytes(cidr)), 0),
+            Tier::AllowV6 => self.allow_v6.get(&Key::new(len, v6_bytes(cidr)), 0),
+            Tier::BlockV4Prefix => self.block_v4_prefix.get(&Key::new(len, v4_bytes(cidr)), 0),
+            Tier::BlockV6Prefix => self.block_v6_prefix.get(&Key::new(len, v6_bytes(cidr)), 0),
+            Tier::BlockV4 => self.block_v4.get(&v4_bytes(cidr), 0),
+            Tier::BlockV6 => self.block_v6.get(&v6_bytes(cidr), 0),
+        }
+    }
+
+    fn tier_insert(
+        &mut self,
+        tier: Tier,
+        cidr: &Cidr,
+        entry: ListEntry,
+        flags: u64,
+    ) -> Result<(), MapError> {
+        let len = u32::from(cidr.prefix_len());
+        match tier {
+            Tier::AllowV4 => self
+                .allow_v4
+                .insert(&Key::new(len, v4_bytes(cidr)), entry, flags),
+            Tier::AllowV6 => self
+                .allow_v6
+                .insert(&Key::new(len, v6_bytes(cidr)), entry, flags),
+            Tier::BlockV4Prefix => {
+                self.block_v4_prefix
+                    .insert(&Key::new(len, v4_bytes(cidr)), entry, flags)
+            }
+            Tier::BlockV6Prefix => {
+                self.block_v6_prefix
+                    .insert(&Key::new(len, v6_bytes(cidr)), entry, flags)
+            }
+            Tier::BlockV4 => self.block_v4.insert(v4_bytes(cidr), entry, flags),
+            Tier::BlockV6 => self.block_v6.insert(v6_bytes(cidr), entry, flags),
+        }
+    }
+
+    fn tier_remove(&mut self, tier: Tier, cidr: &Cidr) -> Result<(), MapError> {
+        let len = u32::from(cidr.prefix_len());
+        match tier {
+            Tier::AllowV4 => self.allow_v4.remove(&Key::new(len, v4_bytes(cidr))),
+            Tier::AllowV6 => self.allow_v6.remove(&Key::new(len, v6_bytes(cidr))),
+            Tier::BlockV4Prefix => self.block_v4_prefix.remove(&Key::new(len, v4_bytes(cidr))),
+            Tier::BlockV6Prefix => self.block_v6_prefix.remove(&Key::new(len, v6_bytes(cidr))),
+            Tier::BlockV4 => self.block_v4.remove(&v4_bytes(cidr)),
+            Tier::BlockV6 => self.block_v6.remove(&v6_bytes(cidr)),
+        }
+    }
 }
 
 /// The kernel key bytes of a prefix.
@@ -226,106 +301,85 @@ fn absent<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
     }
 }
 
-/// E2BIG / ENOSPC from an insert: the map is at capacity.
-fn is_full(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(e)
-        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)))
+fn errno(error: &MapError) -> Option<i32> {
+    match error {
+        MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    }
 }
+
+/// E2BIG / ENOSPC / ENOMEM from an insert: the map is at capacity.
+fn is_full(error: &MapError) -> bool {
+    matches!(
+        errno(error),
+        Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+    )
+}
+
+/// `BPF_NOEXIST`: insert only if the key is new.
+const BPF_NOEXIST: u64 = 1;
 
 impl DataPlane for KernelMaps {
     fn upsert(&mut self, list: ListKind, cidr: Cidr, expires_at_ns: u64) -> Result<(), XdpError> {
         let tier = Tier::of(list, &cidr);
-        let name = tier.map_name();
-        let len = u32::from(cidr.prefix_len());
-        let previous = match tier {
-            Tier::AllowV4 => absent(self.allow_v4.get(&Key::new(len, v4_bytes(&cidr)), 0)),
-            Tier::BlockV4Prefix => {
-                absent(self.block_v4_prefix.get(&Key::new(len, v4_bytes(&cidr)), 0))
-            }
-            Tier::AllowV6 => absent(self.allow_v6.get(&Key::new(len, v6_bytes(&cidr)), 0)),
-            Tier::BlockV6Prefix => {
-                absent(self.block_v6_prefix.get(&Key::new(len, v6_bytes(&cidr)), 0))
-            }
-            Tier::BlockV4 => absent(self.block_v4.get(&v4_bytes(&cidr), 0)),
-            Tier::BlockV6 => absent(self.block_v6.get(&v6_bytes(&cidr), 0)),
-        }
-        .map_err(map_error(name, "looking up"))?;
-        let entry = ListEntry {
-            expires_at_ns,
-            hits: previous.map_or(0, |e| e.hits),
-        };
-        let index = Tier::ALL
-            .iter()
-            .position(|t| *t == tier)
-            .expect("every tier is listed");
-        if previous.is_none() {
-            // Presence first: the program must never skip a trie that holds an entry.
-            self.counts[index] += 1;
-            if self.counts[index] == 1 && tier.presence_bit() != 0 {
-                self.write_settings()?;
-            }
-        }
-        let result = match tier {
-            Tier::AllowV4 => self
-                .allow_v4
-                .insert(&Key::new(len, v4_bytes(&cidr)), entry, 0),
-            Tier::BlockV4Prefix => {
-                self.block_v4_prefix
-                    .insert(&Key::new(len, v4_bytes(&cidr)), entry, 0)
-            }
-            Tier::AllowV6 => self
-                .allow_v6
-                .insert(&Key::new(len, v6_bytes(&cidr)), entry, 0),
-            Tier::BlockV6Prefix => {
-                self.block_v6_prefix
-                    .insert(&Key::new(len, v6_bytes(&cidr)), entry, 0)
-            }
-            Tier::BlockV4 => self.block_v4.insert(v4_bytes(&cidr), entry, 0),
-            Tier::BlockV6 => self.block_v6.insert(v6_bytes(&cidr), entry, 0),
-        };
-        result.map_err(|source| {
-            if previous.is_none() {
-                self.counts[index] -= 1;
-            }
+        let index = tier.index();
+        let insert_error = |source: MapError| {
             if is_full(&source) {
                 XdpError::Full {
-                    map: name,
+                    map: tier.map_name(),
                     capacity: tier.capacity(),
                 }
             } else {
                 XdpError::Map {
-                    map: name,
+                    map: tier.map_name(),
                     operation: "inserting",
                     source,
                 }
             }
-        })
+        };
+        if self.counts[index] == 0 && tier.presence_bit() != 0 {
+            // The program must never skip a trie that holds an entry: announce it first.
+            self.write_settings(tier.presence_bit())?;
+        }
+        let mut entry = ListEntry {
+            expires_at_ns,
+            hits: 0,
+        };
+        // One syscall for the common case of a new entry; an existing one keeps its hit count.
+        match self.tier_insert(tier, &cidr, entry, BPF_NOEXIST) {
+            Ok(()) => {
+                self.counts[index] += 1;
+                Ok(())
+            }
+            Err(error) if errno(&error) == Some(libc::EEXIST) => {
+                let previous = absent(self.tier_get(tier, &cidr))
+                    .map_err(map_error(tier.map_name(), "looking up"))?;
+                entry.hits = previous.map_or(0, |p| p.hits);
+                self.tier_insert(tier, &cidr, entry, 0)
+                    .map_err(insert_error)
+            }
+            Err(error) => {
+                if self.counts[index] == 0 {
+                    self.write_settings(0)?;
+                }
+                Err(insert_error(error))
+            }
+        }
     }
 
     fn remove(&mut self, list: ListKind, cidr: Cidr) -> Result<(), XdpError> {
         let tier = Tier::of(list, &cidr);
-        let len = u32::from(cidr.prefix_len());
-        let result = match tier {
-            Tier::AllowV4 => self.allow_v4.remove(&Key::new(len, v4_bytes(&cidr))),
-            Tier::BlockV4Prefix => self.block_v4_prefix.remove(&Key::new(len, v4_bytes(&cidr))),
-            Tier::AllowV6 => self.allow_v6.remove(&Key::new(len, v6_bytes(&cidr))),
-            Tier::BlockV6Prefix => self.block_v6_prefix.remove(&Key::new(len, v6_bytes(&cidr))),
-            Tier::BlockV4 => self.block_v4.remove(&v4_bytes(&cidr)),
-            Tier::BlockV6 => self.block_v6.remove(&v6_bytes(&cidr)),
-        };
-        match result {
+        match self.tier_remove(tier, &cidr) {
             Ok(()) => {
-                let index = Tier::ALL.iter().position(|t| *t == tier).expect("listed");
+                let index = tier.index();
                 self.counts[index] = self.counts[index].saturating_sub(1);
                 if self.counts[index] == 0 && tier.presence_bit() != 0 {
-                    self.write_settings()?;
+                    self.write_settings(0)?;
                 }
                 Ok(())
             }
             Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
+            Err(error) if errno(&error) == Some(libc::ENOENT) => Ok(()),
             Err(source) => Err(XdpError::Map {
                 map: tier.map_name(),
                 operation: "removing",
@@ -369,7 +423,7 @@ impl DataPlane for KernelMaps {
 
     fn apply_settings(&mut self, settings: RuntimeConfig) -> Result<(), XdpError> {
         self.settings = settings;
-        self.write_settings()
+        self.write_settings(0)
     }
 
     fn fill_levels(&self) -> Result<Vec<MapFill>, XdpError> {
