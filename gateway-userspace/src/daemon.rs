@@ -228,7 +228,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     tasks.spawn(async move {
         let forwarded = events::forward(event_ring, move |trip| {
             counter.rate_limit_events.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(source = %trip.source, dropped = trip.dropped, "source tripped the XDP rate limit");
+            tracing::debug!(source = %trip.source, dropped = trip.dropped, "source tripped the XDP rate limit");
         })
         .await;
         if let Err(error) = forwarded {

@@ -26,13 +26,15 @@ use crate::{
 /// enough that the daemon's lock is held only for milliseconds at a time.
 const IMPORT_BATCH: usize = 10_000;
 
+/// Runs a list command. Arguments and files are checked before `connect` is called, so a typo is
+/// reported as such (exit 2) even when the daemon is down.
 pub(super) fn run(
-    client: &mut AdminClient,
+    connect: impl FnOnce() -> Result<AdminClient, Failure>,
     list: ListKind,
     command: ListCommand,
 ) -> Result<Exit, Failure> {
     match command {
-        ListCommand::Add { cidrs, entry } => add(client, list, cidrs, &entry),
+        ListCommand::Add { cidrs, entry } => add(connect, list, cidrs, &entry),
         ListCommand::Del { cidrs } => {
             let mut bad = 0;
             for cidr in &cidrs {
@@ -44,7 +46,8 @@ pub(super) fn run(
             if bad > 0 {
                 return Ok(Exit::Usage);
             }
-            let Response::Removed(report) = client.call(&Request::Remove { list, cidrs })? else {
+            let Response::Removed(report) = connect()?.call(&Request::Remove { list, cidrs })?
+            else {
                 return Err(unexpected());
             };
             for missing in &report.missing {
@@ -63,7 +66,7 @@ pub(super) fn run(
             })
         }
         ListCommand::List(args) => {
-            let entries = fetch(client, list)?;
+            let entries = fetch(&mut connect()?, list)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
@@ -71,9 +74,9 @@ pub(super) fn run(
             }
             Ok(Exit::Success)
         }
-        ListCommand::Import { file, entry } => import(client, list, &file, &entry),
+        ListCommand::Import { file, entry } => import(connect, list, &file, &entry),
         ListCommand::Export { file } => {
-            let entries = fetch(client, list)?;
+            let entries = fetch(&mut connect()?, list)?;
             let mut out = format!(
                 "# {}list exported by `gateway {} export`; read back with `gateway {} import`\n",
                 list.name(),
@@ -129,7 +132,7 @@ fn spec(cidr: String, entry: &EntryArgs) -> EntrySpec {
 }
 
 fn add(
-    client: &mut AdminClient,
+    connect: impl FnOnce() -> Result<AdminClient, Failure>,
     list: ListKind,
     cidrs: Vec<String>,
     entry: &EntryArgs,
@@ -147,7 +150,7 @@ fn add(
         return Ok(Exit::Usage);
     }
     let entries = cidrs.into_iter().map(|c| spec(c, entry)).collect();
-    let Response::Added(report) = client.call(&Request::Add {
+    let Response::Added(report) = connect()?.call(&Request::Add {
         list,
         entries,
         import: false,
@@ -200,7 +203,7 @@ fn read_import(text: &str) -> ImportFile {
 }
 
 fn import(
-    client: &mut AdminClient,
+    connect: impl FnOnce() -> Result<AdminClient, Failure>,
     list: ListKind,
     path: &Path,
     entry: &EntryArgs,
@@ -208,6 +211,7 @@ fn import(
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading `{}`", path.display()))?;
     let mut file = read_import(&text);
+    let mut client = connect()?;
     let progress = ProgressBar::new(file.entries.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} entries ({per_sec}, eta {eta})")
             .expect("the template is valid"),

@@ -86,8 +86,8 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
             );
             Ok(Exit::Success)
         }
-        Command::Block(command) => lists::run(&mut connect(&socket)?, ListKind::Block, command),
-        Command::Allow(command) => lists::run(&mut connect(&socket)?, ListKind::Allow, command),
+        Command::Block(command) => lists::run(|| connect(&socket), ListKind::Block, command),
+        Command::Allow(command) => lists::run(|| connect(&socket), ListKind::Allow, command),
         Command::Stats(args) => stats::run(&mut connect(&socket)?, &args),
         Command::Status(args) => status::run(&mut connect(&socket)?, args.json),
     }
@@ -119,6 +119,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -248,6 +248,9 @@ fn ensure_bpffs() -> Result<(), LoadError> {
     if rc != 0 {
         return Err(LoadError::Bpffs(std::io::Error::last_os_error()));
     }
+    tracing::warn!(
+        "mounted bpffs at {BPFFS_ROOT}: if this process runs in a mount namespace of its own (as under `ip netns exec`), that mount and the pins in it vanish when the daemon exits; mount bpffs on the host, or enter only the network namespace (`nsenter --net=/run/netns/NAME`)"
+    );
     Ok(())
 }
 
