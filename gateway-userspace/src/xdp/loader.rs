@@ -74,13 +74,8 @@ pub enum LoadError {
     Maps(#[source] super::XdpError),
     #[error("map `{map}` is missing from the XDP object")]
     MissingMap { map: &'static str },
-    #[error("map `{map}`: {operation} failed")]
-    Map {
-        map: &'static str,
-        operation: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error("program `{PROGRAM_NAME}` is missing from the XDP object")]
+    MissingProgram,
 }
 
 /// Key size, value size and capacity each pinned map must have to be reused.
@@ -189,18 +184,19 @@ pub fn load(pinning: Option<&Pinning>) -> Result<LoadedProgram, LoadError> {
     let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(LoadError::Load)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
-        .ok_or(LoadError::MissingMap { map: PROGRAM_NAME })?
+        .ok_or(LoadError::MissingProgram)?
         .try_into()
         .map_err(LoadError::Program)?;
     program.load().map_err(LoadError::Program)?;
 
     let mut meta: Array<MapData, u32> = take(&mut ebpf, maps::META)?;
-    meta.set(0, LAYOUT_VERSION, 0)
-        .map_err(|source| LoadError::Map {
+    meta.set(0, LAYOUT_VERSION, 0).map_err(|source| {
+        LoadError::Maps(super::XdpError::Map {
             map: maps::META,
             operation: "writing the layout version",
             source,
-        })?;
+        })
+    })?;
     let events = take(&mut ebpf, maps::EVENTS)?;
     let maps = KernelMaps::take(&mut ebpf).map_err(LoadError::Maps)?;
     Ok(LoadedProgram {
@@ -218,10 +214,12 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
     let map = ebpf
         .take_map(name)
         .ok_or(LoadError::MissingMap { map: name })?;
-    T::try_from(map).map_err(|source| LoadError::Map {
-        map: name,
-        operation: "opening",
-        source,
+    T::try_from(map).map_err(|source| {
+        LoadError::Maps(super::XdpError::Map {
+            map: name,
+            operation: "opening",
+            source,
+        })
     })
 }
 
