@@ -89,7 +89,11 @@ impl Daemon {
             uptime_secs: self.started.elapsed().as_secs(),
             allow_entries: lists.len(ListKind::Allow),
             block_entries: lists.len(ListKind::Block),
-            maps: lists.plane().fill_levels()?,
+            maps: {
+                let mut maps = lists.plane().list_fill_levels();
+                maps.push(lists.plane().rate_fill_level()?);
+                maps
+            },
         })
     }
 }

@@ -214,6 +214,7 @@ impl Gateway {
              [xdp]\n\
              interfaces = [\"{interface}\"]\n\
              mode = \"native\"\n\
+             sweep_interval = \"200ms\"\n\
              [xdp.rate_limit]\n\
              packets_per_second = 1000000\n\
              burst = 1000000\n",
@@ -843,6 +844,43 @@ fn cli_errors_are_clear() {
     let output = gateway(&socket, &["status"]);
     assert_eq!(output.code, 3, "a stale socket means exit 3: {output:?}");
     assert!(output.stderr.contains("not running"), "{output:?}");
+}
+
+#[test]
+fn bans_expire_then_are_swept() {
+    let Some(setup) = Setup::new("bans_expire_then_are_swept", "expire", 7) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    let [server_v4, _] = servers(net);
+    let client = net.client_v4.to_string();
+    let added = Instant::now();
+    gateway.cli_ok(&["block", "add", &client, "--ttl", "2s"]);
+    assert_blocked(net, server_v4, "banned for 2 s");
+
+    // The kernel ignores the entry from its expiry on, before any sweep.
+    thread::sleep(Duration::from_millis(2200).saturating_sub(added.elapsed()));
+    assert_passes(net, server_v4, "after the ban's TTL");
+
+    // The sweeper (every 200 ms here) then removes it from the map itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = gateway.status();
+        let entries = status["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|m| m["name"] == "GW_BLOCK_V4"))
+            .and_then(|m| m["entries"].as_u64());
+        if entries == Some(0) && status["block_entries"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired ban was not swept from the map: {status}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let listed = gateway.json(&["block", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 }
 
 #[test]

@@ -55,11 +55,19 @@ impl DataPlane for FakeDataPlane {
         Ok(())
     }
 
-    fn fill_levels(&self) -> Result<Vec<MapFill>, XdpError> {
-        Ok(vec![MapFill {
+    fn list_fill_levels(&self) -> Vec<MapFill> {
+        vec![MapFill {
             name: "fake".to_owned(),
             entries: self.entries.len(),
-            capacity: self.capacity.unwrap_or(usize::MAX) as u32,
-        }])
+            capacity: self.capacity.map_or(u32::MAX, |c| c as u32),
+        }]
+    }
+
+    fn rate_fill_level(&self) -> Result<MapFill, XdpError> {
+        Ok(MapFill {
+            name: "fake_rate".to_owned(),
+            entries: 0,
+            capacity: 0,
+        })
     }
 }

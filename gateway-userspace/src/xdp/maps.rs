@@ -426,26 +426,27 @@ impl DataPlane for KernelMaps {
         self.write_settings(0)
     }
 
-    fn fill_levels(&self) -> Result<Vec<MapFill>, XdpError> {
-        let mut levels: Vec<MapFill> = Tier::ALL
+    fn list_fill_levels(&self) -> Vec<MapFill> {
+        Tier::ALL
             .into_iter()
-            .zip(self.counts)
-            .map(|(tier, entries)| MapFill {
+            .map(|tier| MapFill {
                 name: tier.map_name().to_owned(),
-                entries,
+                entries: self.counts[tier.index()],
                 capacity: tier.capacity(),
             })
-            .collect();
-        let mut rate_entries = 0;
+            .collect()
+    }
+
+    fn rate_fill_level(&self) -> Result<MapFill, XdpError> {
+        let mut entries = 0;
         for key in self.rate.keys() {
             key.map_err(map_error(maps::RATE, "reading"))?;
-            rate_entries += 1;
+            entries += 1;
         }
-        levels.push(MapFill {
+        Ok(MapFill {
             name: maps::RATE.to_owned(),
-            entries: rate_entries,
+            entries,
             capacity: RATE_CAPACITY,
-        });
-        Ok(levels)
+        })
     }
 }

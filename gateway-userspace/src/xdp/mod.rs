@@ -56,8 +56,10 @@ pub trait DataPlane: Send + 'static {
     fn counters(&self) -> Result<[Counter; Reason::COUNT as usize], XdpError>;
     /// Replaces the runtime settings the program reads on every packet.
     fn apply_settings(&mut self, settings: RuntimeConfig) -> Result<(), XdpError>;
-    /// Entries and capacity of each map that fills up (lists and rate-limit state).
-    fn fill_levels(&self) -> Result<Vec<MapFill>, XdpError>;
+    /// Entries and capacity of each list map (cheap: counts are kept as entries change).
+    fn list_fill_levels(&self) -> Vec<MapFill>;
+    /// Entries and capacity of the rate-limit state (walks the map: one syscall per source).
+    fn rate_fill_level(&self) -> Result<MapFill, XdpError>;
 }
 
 /// Fill level of one map, for `gateway status`.
