@@ -19,6 +19,7 @@ use crate::{
     },
     config::{AttachMode, Config},
     lists::{Lists, Origin, error_chain, state},
+    proxy,
     xdp::{
         DataPlane, ListKind,
         clock::{ClockPair, monotonic_now_ns},
@@ -187,6 +188,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
     }
 
+    // The L7 gateway starts once XDP guards its ports, and stops before XDP is detached.
+    let l7 = proxy::start(&config).context("starting the L7 gateway")?;
+
     let listener = server::bind(&config.admin_socket())?;
     let daemon = Arc::new(Daemon {
         lists: Mutex::new(lists),
@@ -242,6 +246,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 
     wait_for_shutdown().await?;
     tracing::info!("shutting down");
+    if let Some(l7) = l7 {
+        l7.shutdown(config.http.shutdown_grace).await;
+    }
     tasks.shutdown().await;
     if let Some(bytes) = daemon.lists().take_dirty_state(ClockPair::now()) {
         state::write_atomic(&state_file, &bytes)?;

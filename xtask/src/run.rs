@@ -1,4 +1,5 @@
-//! `cargo xtask run`: build the gateway and run it with the example config, as root.
+//! `cargo xtask run`: build the gateway and run it with the example config, as root, next to
+//! the demo upstream that the example config's L7 route proxies to.
 
 use std::ffi::OsString;
 
@@ -9,10 +10,15 @@ use crate::{build, cmd, setup};
 /// The config `cargo xtask run` starts the gateway with, relative to the workspace root.
 const EXAMPLE_CONFIG: &str = "examples/gateway.toml";
 
+/// Where the example config's `demo` upstream expects `gateway demo-upstream`.
+const DEMO_UPSTREAM: &str = "127.0.0.1:8081";
+
 /// Build the gateway and run it with examples/gateway.toml, as root.
 ///
-/// Runs `setup`, builds, then `gateway run --config examples/gateway.toml [ARGS...]`. Root is
-/// needed to attach XDP programs. Ctrl-C stops the gateway; its exit status becomes xtask's.
+/// Runs `setup`, builds, starts `gateway demo-upstream` on 127.0.0.1:8081, then
+/// `gateway run --config examples/gateway.toml [ARGS...]`, which serves HTTPS on
+/// 127.0.0.1:8443. Root is needed to attach XDP programs. Ctrl-C stops the gateway (and the
+/// demo upstream); the gateway's exit status becomes xtask's.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     sudo cargo xtask run\n  \
@@ -42,12 +48,21 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     setup::run(&setup::Args::default())?;
     let bin = build::gateway(args.release)?;
 
+    catch_sigint().context("installing a SIGINT handler")?;
+    let mut upstream = cmd::command(&bin);
+    upstream.args(["demo-upstream", "--listen", DEMO_UPSTREAM]);
+    let mut demo = upstream
+        .spawn()
+        .with_context(|| format!("starting `{}`", cmd::display(&upstream)))?;
     let mut gateway = cmd::command(&bin);
     gateway
         .args(["run", "--config", EXAMPLE_CONFIG])
         .args(&args.args);
-    catch_sigint().context("installing a SIGINT handler")?;
-    let status = cmd::status(&mut gateway)?;
+    let status = cmd::status(&mut gateway);
+    // By its own pid: Ctrl-C usually stopped it already, and nothing else may be touched.
+    let _ = demo.kill();
+    let _ = demo.wait();
+    let status = status?;
     if status.success() {
         return Ok(());
     }

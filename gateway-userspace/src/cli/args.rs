@@ -51,6 +51,20 @@ pub enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// A tiny HTTP/1.1 and h2c echo server for demos: answers every request with JSON
+    /// describing it (method, path, headers, body size).
+    #[command(
+        hide = true,
+        after_help = "Example:\n  gateway demo-upstream --listen 127.0.0.1:8081"
+    )]
+    DemoUpstream(DemoUpstreamArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoUpstreamArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]

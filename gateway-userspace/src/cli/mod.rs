@@ -1,6 +1,7 @@
 //! The `gateway` command line: `run` starts the daemon; every other subcommand is a client of
 //! its admin socket. `main` parses once, runs, and prints an error once, as a sentence.
 mod args;
+mod demo_upstream;
 mod lists;
 mod stats;
 mod status;
@@ -10,7 +11,7 @@ use std::{path::Path, process::ExitCode};
 use clap::Parser as _;
 
 pub use self::args::Cli;
-use self::args::{Command, RunArgs};
+use self::args::{Command, DemoUpstreamArgs, RunArgs};
 use crate::{
     admin::client::{AdminClient, ClientError},
     config::{Config, default_admin_socket},
@@ -77,12 +78,15 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             println!(
-                "{}: OK (instance `{}`, {} interface(s), {} allowlist and {} blocklist entries)",
+                "{}: OK (instance `{}`, {} interface(s), {} allowlist and {} blocklist entries, {} L7 listener(s), {} route(s), {} upstream(s))",
                 file.display(),
                 config.instance,
                 config.xdp.interfaces.len(),
                 config.xdp.allowlist.len(),
-                config.xdp.blocklist.len()
+                config.xdp.blocklist.len(),
+                config.listeners.len(),
+                config.routes.len(),
+                config.upstreams.len()
             );
             Ok(Exit::Success)
         }
@@ -90,6 +94,11 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Allow(command) => lists::run(|| connect(&socket), ListKind::Allow, command),
         Command::Stats(args) => stats::run(&mut connect(&socket)?, &args),
         Command::Status(args) => status::run(&mut connect(&socket)?, args.json),
+        Command::DemoUpstream(args) => {
+            init_logging(false);
+            demo_upstream::run(&args)?;
+            Ok(Exit::Success)
+        }
     }
 }
 
@@ -114,16 +123,30 @@ fn run_daemon(args: RunArgs) -> Result<Exit, Failure> {
     Ok(Exit::Success)
 }
 
+/// Daemon logs go to stderr as text (or JSON with `--log-json`); access-log lines (target
+/// `access`) always go out as flat JSON objects, one per line, for log shippers.
 fn init_logging(json: bool) {
+    use tracing_subscriber::{Layer as _, filter::filter_fn, fmt, prelude::*};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let access = fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(std::io::stderr)
+        .with_filter(filter_fn(|meta| meta.target() == "access"));
+    let daemon = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let daemon = if json {
+        daemon.json().boxed()
     } else {
-        builder.init();
-    }
+        daemon.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(access)
+        .with(daemon.with_filter(filter_fn(|meta| meta.target() != "access")))
+        .init();
 }

@@ -1,5 +1,10 @@
 //! The daemon's one TOML file: parsed with serde into typed structs with documented defaults,
 //! then validated as a whole. Nothing downstream reads raw TOML.
+//!
+//! The L7 gateway's sections (`[[listeners]]`, `[[routes]]`, `[[upstreams]]`, `[http]`) live in
+//! [`l7`].
+mod l7;
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -8,6 +13,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::cidr::Cidr;
+
+pub use self::l7::{
+    Balance, CertificateConfig, HttpConfig, ListenerConfig, RouteConfig, TlsConfig, UpstreamConfig,
+    UpstreamProtocol,
+};
 
 /// Where pinned maps live; each instance gets its own folder below it.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -47,6 +57,18 @@ pub struct Config {
     pub admin_socket: Option<PathBuf>,
     #[serde(default)]
     pub xdp: XdpConfig,
+    /// L7 listeners. None (the default) means no L7 gateway runs.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// L7 routes, referenced by name from listeners.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// L7 upstream pools, referenced by name from routes.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Protective limits of the L7 listeners.
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 fn default_instance() -> String {
@@ -249,6 +271,7 @@ impl Config {
                 "must be between 1 and 128 (64 groups one typical host)",
             ));
         }
+        l7::validate(&self.listeners, &self.routes, &self.upstreams, &self.http)?;
         Ok(())
     }
 
@@ -341,6 +364,17 @@ mod tests {
         let config = Config::parse(text).unwrap();
         assert_eq!(config.xdp.interfaces, ["lo"]);
         assert_eq!(config.xdp.mode, AttachMode::Generic);
+        assert_eq!(
+            config.listeners.len(),
+            2,
+            "HTTPS and a redirecting HTTP listener"
+        );
+        assert!(
+            config.listeners[0]
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.self_signed)
+        );
     }
 
     #[test]

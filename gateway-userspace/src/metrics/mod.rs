@@ -1,0 +1,367 @@
+//! Prometheus metrics: one registry for the daemon, the L7 families the proxy records into, and
+//! the kernel's per-reason counters, attach modes and map fill levels, read at scrape time.
+//! Label values are bounded: listener and route names from the config, status classes, verdict
+//! reasons, never raw paths or addresses. [`http`] serves them with `/healthz` and `/readyz`.
+pub mod http;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use gateway_common::Reason;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{config::AttachMode, xdp::MapFill};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: String,
+    /// The route name, or `none` for requests that matched no route.
+    pub route: String,
+    /// `2xx`, `4xx` ...
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    /// `total_limit` or `per_source_limit`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `rejected`.
+    pub result: &'static str,
+}
+
+/// The status class label of an HTTP status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// What the kernel side looks like at one instant, for the scrape.
+#[derive(Clone, Debug, Default)]
+pub struct XdpSnapshot {
+    /// Packets and bytes per reason, in [`Reason::ALL`] order.
+    pub counters: Vec<(Reason, u64, u64)>,
+    pub interfaces: Vec<(String, AttachMode)>,
+    pub maps: Vec<MapFill>,
+}
+
+/// Reads the kernel side at scrape time; `None` when it cannot be read (logged by the reader).
+pub type XdpReader = Arc<dyn Fn() -> Option<XdpSnapshot> + Send + Sync>;
+
+/// The daemon's metrics. Cloning is cheap; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub active_connections: Family<ListenerLabels, Gauge>,
+    pub refused_connections: Family<RefusedLabels, Counter>,
+    pub tls_handshake_failures: Family<ListenerLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered and the kernel read through `xdp`.
+    pub fn new(xdp: XdpReader) -> Metrics {
+        let mut registry = Registry::with_prefix("gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests answered, by listener, route and status class",
+            requests.clone(),
+        );
+        // 0.5 ms to ~16 s: a proxy's latencies span local cache hits to slow upstreams.
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(new_latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from the request head to the end of the response head, by route",
+            request_duration.clone(),
+        );
+        let active_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "active_connections",
+            "Client connections open now, by listener",
+            active_connections.clone(),
+        );
+        let refused_connections = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections refused at accept because a connection limit was reached",
+            refused_connections.clone(),
+        );
+        let tls_handshake_failures = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by listener",
+            tls_handshake_failures.clone(),
+        );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+        registry.register_collector(Box::new(XdpCollector { read: xdp }));
+        Metrics {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            active_connections,
+            refused_connections,
+            tls_handshake_failures,
+            config_reloads,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn record_request(&self, listener: &str, route: Option<&str>, status: u16, took: Duration) {
+        let route = route.unwrap_or("none");
+        self.requests
+            .get_or_create(&RequestLabels {
+                listener: listener.to_owned(),
+                route: route.to_owned(),
+                status: status_class(status),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; a collector error would be a bug in this module.
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+fn new_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Emits the kernel's counters and map fill levels at scrape time.
+struct XdpCollector {
+    read: XdpReader,
+}
+
+impl fmt::Debug for XdpCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("XdpCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    reason: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachLabels {
+    interface: String,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+impl Collector for XdpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(snapshot) = (self.read)() else {
+            return Ok(());
+        };
+        let verdict = |reason: Reason| VerdictLabels {
+            reason: reason.name(),
+            action: if reason.is_drop() { "drop" } else { "pass" },
+        };
+        let mut packets = encoder.encode_descriptor(
+            "xdp_packets",
+            "Packets seen by the XDP program, by verdict reason",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (reason, count, _) in &snapshot.counters {
+            ConstCounter::new(*count).encode(packets.encode_family(&verdict(*reason))?)?;
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "xdp_bytes",
+            "Bytes seen by the XDP program, by verdict reason",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (reason, _, count) in &snapshot.counters {
+            ConstCounter::new(*count).encode(bytes.encode_family(&verdict(*reason))?)?;
+        }
+        let mut attached = encoder.encode_descriptor(
+            "xdp_attached",
+            "1 for each interface the program is attached to, labelled with the attach mode",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (interface, mode) in &snapshot.interfaces {
+            let labels = AttachLabels {
+                interface: interface.clone(),
+                mode: match mode {
+                    AttachMode::Native => "native",
+                    AttachMode::Generic => "generic",
+                },
+            };
+            ConstGauge::new(1i64).encode(attached.encode_family(&labels)?)?;
+        }
+        let mut entries = encoder.encode_descriptor(
+            "xdp_map_entries",
+            "Entries in each list map",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for map in &snapshot.maps {
+            let labels = MapLabels {
+                map: map.name.clone(),
+            };
+            let count = i64::try_from(map.entries).unwrap_or(i64::MAX);
+            ConstGauge::new(count).encode(entries.encode_family(&labels)?)?;
+        }
+        let mut capacity = encoder.encode_descriptor(
+            "xdp_map_capacity",
+            "Capacity of each list map",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for map in &snapshot.maps {
+            let labels = MapLabels {
+                map: map.name.clone(),
+            };
+            ConstGauge::new(i64::from(map.capacity)).encode(capacity.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> XdpSnapshot {
+        XdpSnapshot {
+            counters: Reason::ALL
+                .iter()
+                .map(|r| (*r, *r as u64 * 10, *r as u64 * 600))
+                .collect(),
+            interfaces: vec![("eth0".to_owned(), AttachMode::Native)],
+            maps: vec![MapFill {
+                name: "GW_BLOCK_V4".to_owned(),
+                entries: 3,
+                capacity: 1_200_000,
+            }],
+        }
+    }
+
+    #[test]
+    fn kernel_counters_are_exported_per_reason() {
+        let metrics = Metrics::new(Arc::new(|| Some(snapshot())));
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"gateway_xdp_packets_total{reason="blocked_address",action="drop"} 20"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_xdp_bytes_total{reason="rate_limited",action="drop"} 2400"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_xdp_attached{interface="eth0",mode="native"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_xdp_map_entries{map="GW_BLOCK_V4"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_xdp_map_capacity{map="GW_BLOCK_V4"} 1200000"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_and_status_class() {
+        let metrics = Metrics::new(Arc::new(|| None));
+        metrics.record_request("public", Some("api"), 200, Duration::from_millis(3));
+        metrics.record_request("public", Some("api"), 204, Duration::from_millis(1));
+        metrics.record_request("public", None, 404, Duration::from_micros(200));
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"gateway_http_requests_total{listener="public",route="api",status="2xx"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"gateway_http_requests_total{listener="public",route="none",status="4xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_http_request_duration_seconds_count{route="api"} 2"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("gateway_xdp_packets"),
+            "no kernel snapshot, no kernel metrics"
+        );
+    }
+
+    #[test]
+    fn status_classes_cover_every_code() {
+        assert_eq!(status_class(101), "1xx");
+        assert_eq!(status_class(302), "3xx");
+        assert_eq!(status_class(431), "4xx");
+        assert_eq!(status_class(504), "5xx");
+        assert_eq!(status_class(999), "5xx");
+    }
+}

@@ -1,0 +1,198 @@
+//! The L7 gateway: listeners, the request pipeline, upstream pools, and the one place where
+//! errors become responses. It runs inside `gateway run`, next to the XDP data plane, from the
+//! same config file.
+//!
+//! Every request goes through these phases, in this order; a phase either passes the request
+//! on or ends it with a [`ProxyError`], which [`error::error_response`] alone turns into a
+//! response:
+//!
+//! ```text
+//!  1 accept ─ connection limits (total, per source): over them the socket is closed at once
+//!  2 TLS ──── rustls handshake within `header_read_timeout`; SNI picks the certificate,
+//!             ALPN picks HTTP/2 or HTTP/1.1                                (server.rs, tls/)
+//!  3 parse/limits ─ hyper reads the head, which must be complete within
+//!             `header_read_timeout` (slowloris; server.rs); URI length → 414, header count
+//!             and bytes → 431                                          (pipeline.rs)
+//!  4 route ── plain listener redirecting? → 308. Path normalised (bad → 400), then the
+//!             listener's routes by host, path, method, headers; none → 404    (routing/)
+//!  5 authenticate ┐
+//!  6 authorize    │ the security work's phases; they plug in between route and upstream
+//!  7 validate     │ and fail with a `ProxyError` like every other phase
+//!  8 rate-limit   ┘
+//!  9 upstream  pick an endpoint (none → 503), rewrite headers (hop-by-hop out, forwarding
+//!             in, request id), stream the body under `max_body_bytes` (→ 413), wait up to
+//!             the route's `timeout` (→ 504); connect failure → 502           (upstream.rs)
+//! 10 response filters ─ hop-by-hop and configured headers stripped, request id added
+//! 11 log ──── one JSON access-log line when the response body is done    (access_log.rs)
+//!             │
+//!   any ProxyError ──► error_response: problem+json {type, title, status, request_id}
+//! ```
+mod access_log;
+mod body;
+pub mod error;
+pub mod headers;
+mod pipeline;
+mod server;
+mod upstream;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::{sync::watch, task::JoinSet};
+
+pub use self::error::{ErrorSource, ProxyError};
+use self::{pipeline::Pipeline, server::Shared};
+use crate::{
+    config::{Config, ConfigError},
+    tls::{self, TlsError},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any response body the pipeline produces: the upstream's, streamed, or the gateway's own.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on `{address}` for listener `{listener}`; is another process using it?")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up TLS for listener `{listener}` failed")]
+    Tls {
+        listener: String,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// The running L7 gateway.
+pub struct L7 {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+    background: JoinSet<()>,
+    /// Each listener's name and bound address (useful when binding port 0).
+    pub addresses: Vec<(String, SocketAddr)>,
+}
+
+/// Binds every listener of a validated config and starts serving. Returns `None` when the
+/// config has no listeners. Must run inside the tokio runtime.
+pub fn start(config: &Config) -> Result<Option<L7>, StartError> {
+    if config.listeners.is_empty() {
+        return Ok(None);
+    }
+    let shared = Arc::new(Shared::new(Pipeline::new(config)?, &config.http));
+    let (shutdown, watcher) = watch::channel(false);
+    let mut listeners = JoinSet::new();
+    let mut background = JoinSet::new();
+    let mut addresses = Vec::new();
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let address = listener.socket_addr(&format!("listeners[{index}]"))?;
+        let bind_error = |source| StartError::Bind {
+            listener: listener.name.clone(),
+            address,
+            source,
+        };
+        // std's bind sets SO_REUSEADDR, so a restart does not wait for TIME_WAIT sockets.
+        let socket = std::net::TcpListener::bind(address).map_err(bind_error)?;
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        let bound = socket.local_addr().map_err(bind_error)?;
+        let socket = tokio::net::TcpListener::from_std(socket).map_err(bind_error)?;
+        let acceptor = match &listener.tls {
+            Some(tls_config) => {
+                let setup = tls::listener_tls(tls_config).map_err(|source| StartError::Tls {
+                    listener: listener.name.clone(),
+                    source: Box::new(source),
+                })?;
+                background.spawn(setup.reloader.run());
+                Some(tokio_rustls::TlsAcceptor::from(setup.server_config))
+            }
+            None => None,
+        };
+        tracing::info!(
+            listener = %listener.name,
+            address = %bound,
+            tls = acceptor.is_some(),
+            routes = listener.routes.len(),
+            "L7 listener ready"
+        );
+        listeners.spawn(server::accept_loop(
+            Arc::clone(&shared),
+            index,
+            socket,
+            acceptor,
+            watcher.clone(),
+        ));
+        addresses.push((listener.name.clone(), bound));
+    }
+    if let Some(hint) = curl_hint(config, &addresses) {
+        tracing::info!("L7 gateway serving; try `{hint}`");
+    }
+    Ok(Some(L7 {
+        shared,
+        shutdown,
+        listeners,
+        background,
+        addresses,
+    }))
+}
+
+impl L7 {
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, then closes what is
+    /// left.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.listeners.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "in-flight requests did not finish in time; closing their connections"
+            );
+        }
+        self.listeners.shutdown().await;
+        self.background.shutdown().await;
+        tracing::info!(
+            refused_connections = self.shared.limits.refused(),
+            "L7 gateway stopped"
+        );
+    }
+}
+
+/// A curl command that reaches the first route of the first listener, for the start-up log.
+fn curl_hint(config: &Config, addresses: &[(String, SocketAddr)]) -> Option<String> {
+    let listener = config.listeners.first()?;
+    let (_, address) = addresses.first()?;
+    let route = config
+        .routes
+        .iter()
+        .find(|route| listener.routes.first() == Some(&route.name))?;
+    let path = match (&route.path_exact, &route.path_prefix) {
+        (Some(exact), _) => exact.clone(),
+        (None, Some(prefix)) if prefix.ends_with('/') => format!("{prefix}hello"),
+        (None, Some(prefix)) => format!("{prefix}/hello"),
+        (None, None) => "/".to_owned(),
+    };
+    let self_signed = listener.tls.as_ref().filter(|tls| tls.self_signed);
+    let host = match (&route.host, self_signed) {
+        (Some(host), _) if !host.starts_with('*') => host.clone(),
+        (_, Some(tls)) => tls.self_signed_names.first()?.clone(),
+        _ => address.ip().to_string(),
+    };
+    let (scheme, insecure) = match (&listener.tls, self_signed) {
+        (Some(_), Some(_)) => ("https", "-k "),
+        (Some(_), None) => ("https", ""),
+        (None, _) => ("http", ""),
+    };
+    Some(format!(
+        "curl {insecure}{scheme}://{host}:{}{path}",
+        address.port()
+    ))
+}

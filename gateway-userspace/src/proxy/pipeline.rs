@@ -1,0 +1,388 @@
+//! The request path as code: [`Pipeline::handle`] runs the phases in their fixed order (see the
+//! diagram in [`super`]) and is the only caller of [`error_response`].
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Instant,
+};
+
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+
+use super::{
+    BoxError, ResponseBody,
+    access_log::{AccessRecord, redact_target},
+    body::{BodyOutcome, Finish, LimitedBody, LoggedBody},
+    error::{ErrorSource, ProxyError, error_response},
+    headers::{Forwarding, RequestId, X_REQUEST_ID, remove_hop_by_hop, set_forwarding},
+    server::Activity,
+    upstream::{InFlight, Upstreams},
+};
+use crate::{
+    cidr::Cidr,
+    config::{Config, ConfigError, HttpConfig, UpstreamProtocol},
+    routing::{RequestView, Route, RouteTable, path::normalize_path, request_host},
+};
+
+/// What the pipeline knows of a listener.
+pub(crate) struct ListenerInfo {
+    pub(crate) name: Arc<str>,
+    pub(crate) tls: bool,
+    /// `Some(port)` when every request is redirected to HTTPS on that port.
+    pub(crate) redirect_port: Option<u16>,
+    pub(crate) trusted_proxies: Vec<Cidr>,
+}
+
+/// What the pipeline knows of the client connection a request came on.
+pub(crate) struct ConnInfo {
+    pub(crate) listener: usize,
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls_version: Option<&'static str>,
+    pub(crate) alpn: Option<&'static str>,
+    pub(crate) activity: Arc<Activity>,
+}
+
+/// Shared by every connection of every listener; immutable once built.
+pub(crate) struct Pipeline {
+    listeners: Vec<ListenerInfo>,
+    routes: RouteTable,
+    upstreams: Upstreams,
+    limits: HttpConfig,
+    strip_response_headers: Vec<HeaderName>,
+}
+
+impl Pipeline {
+    pub(crate) fn new(config: &Config) -> Result<Pipeline, ConfigError> {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|listener| ListenerInfo {
+                name: Arc::from(listener.name.as_str()),
+                tls: listener.tls.is_some(),
+                redirect_port: listener
+                    .redirect_to_https
+                    .then_some(listener.redirect_port.unwrap_or(443)),
+                trusted_proxies: listener.trusted_proxies.clone(),
+            })
+            .collect();
+        Ok(Pipeline {
+            listeners,
+            routes: RouteTable::compile(config),
+            upstreams: Upstreams::new(config)?,
+            limits: config.http.clone(),
+            // Validation checked the names.
+            strip_response_headers: config
+                .http
+                .strip_response_headers
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
+        })
+    }
+
+    /// Serves one request: runs the phases, turns any failure into its response, applies the
+    /// response filters and arranges for the access-log line. Never fails.
+    pub(crate) async fn handle(
+        &self,
+        conn: &ConnInfo,
+        request: Request<Incoming>,
+    ) -> Response<LoggedBody> {
+        let busy = conn.activity.busy();
+        let request_id = RequestId::from_headers(request.headers());
+        let listener = &self.listeners[conn.listener];
+        let mut record = AccessRecord {
+            started: Instant::now(),
+            request_id: request_id.as_str().to_owned(),
+            peer: conn.peer,
+            listener: Arc::clone(&listener.name),
+            tls_version: conn.tls_version,
+            alpn: conn.alpn,
+            http_version: version_name(request.version()),
+            method: request.method().to_string(),
+            target: redact_target(request.uri().path(), request.uri().query()),
+            host: request_host(request.uri(), request.headers()),
+            user_agent: request
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            route: None,
+            upstream: None,
+            identity: None,
+            status: 0,
+            error: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_out: 0,
+        };
+        let mut in_flight = None;
+        let outcome = self
+            .phases(
+                conn,
+                listener,
+                request,
+                &request_id,
+                &mut record,
+                &mut in_flight,
+            )
+            .await;
+        let mut response = match outcome {
+            Ok(response) => response,
+            Err(error) => {
+                if matches!(
+                    error.source_kind(),
+                    ErrorSource::Upstream | ErrorSource::Internal
+                ) {
+                    tracing::warn!(
+                        request_id = request_id.as_str(),
+                        route = record.route.as_deref(),
+                        upstream = record.upstream.map(tracing::field::display),
+                        error = %crate::lists::error_chain(&error),
+                        "request failed"
+                    );
+                }
+                record.error = Some(error.slug());
+                error_response(&error, &request_id)
+            }
+        };
+
+        // Phase 10, response filters: on every response, the gateway's own included.
+        for name in &self.strip_response_headers {
+            response.headers_mut().remove(name);
+        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.header_value());
+
+        // Phase 11, log: written by the body wrapper once the body is sent or abandoned.
+        record.status = response.status().as_u16();
+        response.map(|body| {
+            LoggedBody::new(
+                body,
+                Finish {
+                    record,
+                    in_flight,
+                    connection_busy: busy,
+                },
+            )
+        })
+    }
+
+    /// Phases 3 to 9, in order. Each returns early with the error that ends the request.
+    async fn phases(
+        &self,
+        conn: &ConnInfo,
+        listener: &ListenerInfo,
+        request: Request<Incoming>,
+        request_id: &RequestId,
+        record: &mut AccessRecord,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // Phase 3, parse/limits. hyper parsed the head under looser limits; these produce the
+        // documented statuses with a problem body.
+        self.check_limits(&request)?;
+
+        // Phase 4, route.
+        if let Some(port) = listener.redirect_port {
+            return redirect_to_https(&request, port);
+        }
+        let path = normalize_path(request.uri().path()).map_err(ProxyError::BadPath)?;
+        let route = self
+            .routes
+            .find(
+                conn.listener,
+                &RequestView {
+                    host: record.host.as_deref(),
+                    path: &path,
+                    method: request.method(),
+                    headers: request.headers(),
+                },
+            )
+            .ok_or(ProxyError::NoRoute)?;
+        record.route = Some(route.name.clone());
+
+        // Phases 5 to 8 (authenticate → authorize → validate → rate-limit) belong to the
+        // security work and go here, in that order, each returning `Result<_, ProxyError>`;
+        // authentication fills `record.identity`.
+
+        // Phase 9, upstream.
+        self.forward(
+            conn, listener, request, route, &path, request_id, record, in_flight,
+        )
+        .await
+    }
+
+    fn check_limits(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |target| target.as_str().len());
+        if target > self.limits.max_uri_bytes {
+            return Err(ProxyError::UriTooLong);
+        }
+        let headers = request.headers();
+        if headers.len() > self.limits.max_headers {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        // Name, value, ": " and CRLF: the size on the wire in HTTP/1.1.
+        let bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if bytes > self.limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        Ok(())
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the phase's whole context; bundling it would only rename the parameters"
+    )]
+    async fn forward(
+        &self,
+        conn: &ConnInfo,
+        listener: &ListenerInfo,
+        request: Request<Incoming>,
+        route: &Route,
+        path: &str,
+        request_id: &RequestId,
+        record: &mut AccessRecord,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let pool = self.upstreams.get(&route.upstream).ok_or_else(|| {
+            ProxyError::Internal(format!("route `{}` names a missing pool", route.name).into())
+        })?;
+        // A declared length over the limit is refused before anything is sent upstream.
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > route.max_body_bytes) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        let endpoint = pool.pick().ok_or_else(|| ProxyError::NoEndpoint {
+            upstream: pool.name.clone(),
+        })?;
+        record.upstream = Some(endpoint.addr());
+
+        let (mut parts, body) = request.into_parts();
+        // The host the client addressed, port included: the URI's authority (HTTP/2, or an
+        // absolute-form target) wins over a `Host` header, as it did for routing.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|authority| match authority.port_u16() {
+                Some(port) => format!("{}:{port}", authority.host()),
+                None => authority.host().to_owned(),
+            });
+        let upstream_path = route.upstream_path(path);
+        let target = match parts.uri.query() {
+            Some(query) => format!("{upstream_path}?{query}"),
+            None => upstream_path,
+        };
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(endpoint.addr().to_string())
+            .path_and_query(target)
+            .build()
+            .map_err(|error| ProxyError::Internal(error.into()))?;
+        parts.version = match pool.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        };
+        remove_hop_by_hop(&mut parts.headers);
+        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            // So the upstream sees the host the route matched, never a conflicting `Host`.
+            parts.headers.insert(header::HOST, value);
+        }
+        set_forwarding(
+            &mut parts.headers,
+            &Forwarding {
+                peer: conn.peer.ip(),
+                trusted: listener
+                    .trusted_proxies
+                    .iter()
+                    .any(|cidr| cidr.contains(conn.peer.ip())),
+                proto: if listener.tls { "https" } else { "http" },
+                host: record.host.as_deref(),
+            },
+        );
+        parts
+            .headers
+            .insert(X_REQUEST_ID, request_id.header_value());
+
+        let outcome = Arc::new(BodyOutcome::default());
+        let body = LimitedBody::new(
+            body,
+            route.max_body_bytes,
+            Arc::clone(&outcome),
+            Arc::clone(&record.bytes_in),
+        );
+        let sent = tokio::time::timeout(
+            route.timeout,
+            pool.client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            _ if outcome.too_large() => return Err(ProxyError::BodyTooLarge),
+            Ok(Err(error)) if outcome.client_failed() => {
+                return Err(ProxyError::ClientBody(error.into()));
+            }
+            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout(route.timeout)),
+            Ok(Err(error)) if error.is_connect() => {
+                pool.eject(&endpoint);
+                return Err(ProxyError::UpstreamConnect(error.into()));
+            }
+            Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error.into())),
+        };
+        *in_flight = Some(endpoint);
+
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        // hyper picks the framing for the client's protocol; the upstream's version says
+        // nothing about the client's.
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed_unsync(),
+        ))
+    }
+}
+
+/// A plain listener's answer to everything when it redirects: 308 to the same target over
+/// HTTPS, so methods and bodies are kept by clients that follow it.
+fn redirect_to_https(
+    request: &Request<Incoming>,
+    port: u16,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let host = request_host(request.uri(), request.headers()).ok_or(ProxyError::NoRoute)?;
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    };
+    let location =
+        HeaderValue::from_str(&location).map_err(|error| ProxyError::Internal(error.into()))?;
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
+}
+
+fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
+    }
+}

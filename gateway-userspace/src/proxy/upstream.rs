@@ -1,0 +1,209 @@
+//! Upstream pools: each `[[upstreams]]` entry is a set of endpoints, a balancing policy and a
+//! pooled keep-alive client speaking HTTP/1.1 or prior-knowledge HTTP/2 (h2c).
+//!
+//! An endpoint that refused a connection is skipped for [`EJECT_FOR`]; when every endpoint of
+//! a pool is skipped the request gets 503 at once instead of waiting on dead addresses. Active
+//! health checks (a later slice) will mark endpoints the same way.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use super::body::LimitedBody;
+use crate::config::{Balance, Config, UpstreamConfig, UpstreamProtocol};
+
+/// How long an endpoint that refused a connection is left out of the rotation.
+pub(crate) const EJECT_FOR: Duration = Duration::from_secs(2);
+
+pub(crate) type UpstreamClient = Client<HttpConnector, LimitedBody>;
+
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    outstanding: AtomicUsize,
+    /// Milliseconds since the pool's epoch until which the endpoint is skipped.
+    ejected_until_ms: AtomicU64,
+}
+
+pub(crate) struct Pool {
+    pub(crate) name: String,
+    pub(crate) protocol: UpstreamProtocol,
+    pub(crate) client: UpstreamClient,
+    endpoints: Vec<Arc<Endpoint>>,
+    balance: Balance,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+/// A request in flight to one endpoint; dropping it ends the count.
+pub(crate) struct InFlight {
+    endpoint: Arc<Endpoint>,
+}
+
+impl InFlight {
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    fn new(config: &UpstreamConfig, endpoints: Vec<SocketAddr>) -> Pool {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .http2_only(config.protocol == UpstreamProtocol::H2c);
+        Pool {
+            name: config.name.clone(),
+            protocol: config.protocol,
+            client: builder.build(connector),
+            endpoints: endpoints
+                .into_iter()
+                .map(|addr| {
+                    Arc::new(Endpoint {
+                        addr,
+                        outstanding: AtomicUsize::new(0),
+                        ejected_until_ms: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+            balance: config.balance,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Picks an endpoint by the pool's policy among those not ejected; `None` when all are.
+    pub(crate) fn pick(&self) -> Option<InFlight> {
+        let now = self.now_ms();
+        let available = |e: &&Arc<Endpoint>| e.ejected_until_ms.load(Ordering::Relaxed) <= now;
+        let endpoint = match self.balance {
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..self.endpoints.len())
+                    .map(|i| &self.endpoints[(start + i) % self.endpoints.len()])
+                    .find(|e| available(e))?
+            }
+            Balance::LeastOutstanding => {
+                // Ties go round-robin, so equal endpoints share the load when idle.
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..self.endpoints.len())
+                    .map(|i| &self.endpoints[(start + i) % self.endpoints.len()])
+                    .filter(available)
+                    .min_by_key(|e| e.outstanding.load(Ordering::Relaxed))?
+            }
+        };
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            endpoint: Arc::clone(endpoint),
+        })
+    }
+
+    /// Leaves an endpoint out of the rotation for [`EJECT_FOR`] after it refused a connection.
+    pub(crate) fn eject(&self, in_flight: &InFlight) {
+        let until = self.now_ms() + u64::try_from(EJECT_FOR.as_millis()).unwrap_or(u64::MAX);
+        in_flight
+            .endpoint
+            .ejected_until_ms
+            .store(until, Ordering::Relaxed);
+    }
+}
+
+/// Every pool by name.
+pub(crate) struct Upstreams {
+    pools: HashMap<String, Arc<Pool>>,
+}
+
+impl Upstreams {
+    /// Builds the pools of a validated config.
+    pub(crate) fn new(config: &Config) -> Result<Upstreams, crate::config::ConfigError> {
+        let mut pools = HashMap::new();
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            let endpoints = upstream.endpoint_addrs(&format!("upstreams[{i}]"))?;
+            pools.insert(
+                upstream.name.clone(),
+                Arc::new(Pool::new(upstream, endpoints)),
+            );
+        }
+        Ok(Upstreams { pools })
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(balance: &str) -> Pool {
+        let config = Config::parse(&format!(
+            r#"
+            [[upstreams]]
+            name = "app"
+            endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            balance = "{balance}"
+            "#
+        ))
+        .unwrap_or_else(|e| panic!("test config: {e}"));
+        let endpoints = config.upstreams[0]
+            .endpoint_addrs("upstreams[0]")
+            .expect("endpoint addresses");
+        Pool::new(&config.upstreams[0], endpoints)
+    }
+
+    fn ports(picks: &[InFlight]) -> Vec<u16> {
+        picks.iter().map(|p| p.addr().port()).collect()
+    }
+
+    #[tokio::test]
+    async fn round_robin_rotates_and_skips_ejected_endpoints() {
+        let pool = pool("round_robin");
+        let first: Vec<_> = (0..4).map(|_| pool.pick().expect("an endpoint")).collect();
+        assert_eq!(ports(&first), [1, 2, 3, 1]);
+        pool.eject(&first[1]);
+        let picks: Vec<_> = (0..4).map(|_| pool.pick().expect("an endpoint")).collect();
+        assert!(!ports(&picks).contains(&2), "{:?}", ports(&picks));
+        pool.eject(&first[0]);
+        pool.eject(&first[2]);
+        assert!(pool.pick().is_none(), "every endpoint ejected");
+    }
+
+    #[tokio::test]
+    async fn least_outstanding_prefers_the_idlest_endpoint() {
+        let pool = pool("least_outstanding");
+        let first = pool.pick().expect("an endpoint");
+        let second = pool.pick().expect("an endpoint");
+        let third = pool.pick().expect("an endpoint");
+        assert_eq!(ports(&[first, second]).len(), 2);
+        // `first` and `second` are dropped: their endpoints are idle again, `third`'s is busy.
+        for _ in 0..6 {
+            let pick = pool.pick().expect("an endpoint");
+            assert_ne!(pick.addr(), third.addr(), "the busy endpoint is avoided");
+        }
+    }
+}

@@ -1,0 +1,1186 @@
+//! End-to-end tests of the L7 gateway: the real `gateway` binary with a temporary config (no XDP
+//! interfaces) in front of an upstream served by the test itself, which records what reached
+//! it. Clients are real: hyper over tokio-rustls with ALPN `h2` and `http/1.1`, and raw TCP
+//! where a test must send what a well-behaved client would not.
+//!
+//! Each test runs its own daemon on free loopback ports with its own instance name, so they run
+//! side by side; guards stop the daemon (by its pid) and remove its folder and pins, also when
+//! a test fails (the daemon's log is printed then). `gateway run` loads the XDP program even
+//! without interfaces, so these tests need root; a non-root run outside CI skips them. The
+//! binary is `GATEWAY_BIN`, as `cargo xtask test` sets it, or `target/debug/gateway`.
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener as StdListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use gateway_userspace::xdp::loader::remove_pins;
+
+/// What the gateway's route timeout is in these tests, and how long `/api/slow` takes.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(1);
+const SLOW_UPSTREAM: Duration = Duration::from_secs(3);
+/// `http.header_read_timeout` in these tests.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// `http.idle_timeout` in these tests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// `http.max_connections_per_source` in these tests.
+const PER_SOURCE: usize = 24;
+const MAX_BODY: usize = 1024;
+
+fn gateway_bin() -> PathBuf {
+    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> SocketAddr {
+    let socket = StdListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
+    socket.local_addr().expect("its address")
+}
+
+/// What one request looked like when it reached the upstream.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    version: Version,
+    headers: HeaderMap,
+    body_bytes: usize,
+    body_complete: bool,
+}
+
+/// The upstream: echoes the request as JSON, records it, and misbehaves on demand:
+/// paths with `/slow` are answered after [`SLOW_UPSTREAM`]. Responses carry headers the gateway must
+/// strip (`Server`, `X-Powered-By`, hop-by-hop ones).
+struct Upstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the upstream");
+        let addr = listener.local_addr().expect("the upstream's address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (seen_in, hits_in) = (Arc::clone(&seen), Arc::clone(&hits));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, hits) = (Arc::clone(&seen_in), Arc::clone(&hits_in));
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let (seen, hits) = (Arc::clone(&seen), Arc::clone(&hits));
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, std::convert::Infallible>(upstream_answer(request, &seen).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            hits,
+            task,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("the upstream's record").clone()
+    }
+
+    fn last(&self) -> Seen {
+        self.seen().pop().expect("the upstream received a request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream_answer(
+    request: Request<Incoming>,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<Full<Bytes>> {
+    let (parts, mut body) = request.into_parts();
+    let mut body_bytes = 0;
+    let mut body_complete = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => body_bytes += frame.data_ref().map_or(0, Bytes::len),
+            Err(_) => {
+                body_complete = false;
+                break;
+            }
+        }
+    }
+    seen.lock().expect("the upstream's record").push(Seen {
+        path: parts.uri.path().to_owned(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body_bytes,
+        body_complete,
+    });
+    if parts.uri.path().contains("/slow") {
+        tokio::time::sleep(SLOW_UPSTREAM).await;
+    }
+    let answer = serde_json::json!({ "path": parts.uri.path(), "body_bytes": body_bytes });
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("server", "secret-upstream/1.0")
+        .header("x-powered-by", "PHP/5.0")
+        .header("connection", "x-upstream-hop")
+        .header("x-upstream-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .body(Full::new(Bytes::from(answer.to_string())))
+        .expect("a valid response")
+}
+
+/// A folder removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The certificates a TLS listener serves by SNI, as PEM files and DER for comparison.
+struct Certificates {
+    api: CertificateDer<'static>,
+    wildcard: CertificateDer<'static>,
+}
+
+fn write_certificate(dir: &Path, stem: &str, name: &str) -> CertificateDer<'static> {
+    let generated = rcgen::generate_simple_self_signed(vec![name.to_owned()])
+        .unwrap_or_else(|e| panic!("generating a certificate for {name}: {e}"));
+    fs::write(dir.join(format!("{stem}.crt")), generated.cert.pem())
+        .expect("writing a certificate");
+    fs::write(
+        dir.join(format!("{stem}.key")),
+        generated.signing_key.serialize_pem(),
+    )
+    .expect("writing a key");
+    generated.cert.der().clone()
+}
+
+/// One daemon with three listeners: `public` (HTTPS: certificates for `api.test` and
+/// `*.wild.test`, a self-signed default for `localhost`), `plain` (HTTP, no trusted proxies)
+/// and `trusted` (HTTP, loopback trusted as a proxy). Routes: `/api/` to the test's upstream,
+/// `/h2/` to the same upstream over h2c, `/slow/` with a long timeout, `/down/` to a port
+/// nobody listens on. Drop stops it and removes its folder and pins.
+struct Gateway {
+    instance: String,
+    process: Option<Child>,
+    https: SocketAddr,
+    plain: SocketAddr,
+    trusted: SocketAddr,
+    certificates: Certificates,
+    dir: TempDir,
+}
+
+impl Gateway {
+    async fn start(tag: &str, upstream: &Upstream) -> Gateway {
+        let instance = format!("l7-{tag}-{}", std::process::id());
+        let path = std::env::temp_dir().join(format!("gateway-{instance}"));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("creating the test folder");
+        let dir = TempDir(path);
+        let _ = remove_pins(&Path::new("/sys/fs/bpf").join(&instance));
+        let certificates = Certificates {
+            api: write_certificate(&dir.0, "api", "api.test"),
+            wildcard: write_certificate(&dir.0, "wild", "*.wild.test"),
+        };
+        let (https, plain, trusted, dead) = (free_port(), free_port(), free_port(), free_port());
+        let folder = dir.0.display();
+        let config = format!(
+            r#"
+instance = "{instance}"
+state_dir = "{folder}/state"
+admin_socket = "{folder}/admin.sock"
+[xdp]
+interfaces = []
+
+[[listeners]]
+name = "public"
+address = "{https}"
+routes = ["api", "down"]
+[listeners.tls]
+self_signed = true
+self_signed_names = ["localhost"]
+reload_interval = "1s"
+certificates = [
+  {{ cert = "{folder}/api.crt", key = "{folder}/api.key", names = ["api.test"] }},
+  {{ cert = "{folder}/wild.crt", key = "{folder}/wild.key", names = ["*.wild.test"] }},
+]
+
+[[listeners]]
+name = "plain"
+address = "{plain}"
+routes = ["api", "down", "h2", "slow"]
+
+[[listeners]]
+name = "trusted"
+address = "{trusted}"
+routes = ["api"]
+trusted_proxies = ["127.0.0.0/8"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api/"
+upstream = "app"
+timeout = "{timeout}ms"
+max_body_bytes = {MAX_BODY}
+
+[[routes]]
+name = "h2"
+path_prefix = "/h2/"
+upstream = "app-h2"
+
+[[routes]]
+name = "slow"
+path_prefix = "/slow/"
+upstream = "app"
+timeout = "10s"
+
+[[routes]]
+name = "down"
+path_prefix = "/down/"
+upstream = "dead"
+
+[[upstreams]]
+name = "app"
+endpoints = ["{app}"]
+
+[[upstreams]]
+name = "app-h2"
+endpoints = ["{app}"]
+protocol = "h2c"
+balance = "least_outstanding"
+
+[[upstreams]]
+name = "dead"
+endpoints = ["{dead}"]
+connect_timeout = "1s"
+
+[http]
+max_header_bytes = 4096
+max_headers = 30
+max_uri_bytes = 1024
+header_read_timeout = "{header_timeout}ms"
+idle_timeout = "{idle_timeout}ms"
+max_connections_per_source = {PER_SOURCE}
+shutdown_grace = "10s"
+"#,
+            app = upstream.addr,
+            timeout = ROUTE_TIMEOUT.as_millis(),
+            header_timeout = HEADER_TIMEOUT.as_millis(),
+            idle_timeout = IDLE_TIMEOUT.as_millis(),
+        );
+        let config_path = dir.0.join("gateway.toml");
+        fs::write(&config_path, config).expect("writing the config");
+        let log = fs::File::create(dir.0.join("daemon.log")).expect("creating the log file");
+        let process = Command::new(gateway_bin())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("sharing the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting the gateway");
+        let mut gateway = Gateway {
+            instance,
+            process: Some(process),
+            https,
+            plain,
+            trusted,
+            certificates,
+            dir,
+        };
+        gateway.wait_until_listening().await;
+        gateway
+    }
+
+    async fn wait_until_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.process.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("the gateway exited during start-up ({status})");
+            }
+            let mut ready = true;
+            for addr in [self.https, self.plain, self.trusted] {
+                ready &= TcpStream::connect(addr).await.is_ok();
+            }
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM to the daemon (our own child, by its pid) and returns at once.
+    fn terminate(&self) {
+        let child = self.process.as_ref().expect("the daemon runs");
+        let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's and has
+        // not been reaped, so it cannot name another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+
+    /// Waits up to `limit` for the daemon to exit; whether it exited successfully.
+    async fn exited_within(&mut self, limit: Duration) -> Option<bool> {
+        let child = self.process.as_mut().expect("the daemon runs");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status.success());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.0.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The access-log line of `request_id`, once the daemon wrote it.
+    async fn access_line(&self, request_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = self.log_text().lines().find_map(|line| {
+                let json: Value = serde_json::from_str(line).ok()?;
+                (json["target"] == "access" && json["request_id"] == request_id).then_some(json)
+            });
+            if let Some(json) = found {
+                return json;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access-log line for request `{request_id}`"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            // SIGTERM by our own child's pid: the daemon drains and detaches cleanly.
+            if matches!(child.try_wait(), Ok(None)) {
+                let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+                // SAFETY: kill has no memory-safety preconditions; the pid is our own child's
+                // and has not been reaped, so it cannot name another process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("warning: daemon `{}` had to be killed", self.instance);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of the gateway daemon `{}` ---\n{}--- end of log ---",
+                self.instance,
+                self.log_text()
+            );
+        }
+        let pins = Path::new("/sys/fs/bpf").join(&self.instance);
+        if let Err(error) = remove_pins(&pins) {
+            eprintln!(
+                "warning: removing the pins in `{}`: {error}",
+                pins.display()
+            );
+        }
+    }
+}
+
+/// Accepts any server certificate: these tests check which certificate is served, not trust.
+#[derive(Debug)]
+struct AcceptAnyCertificate;
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS connection with `sni` offering `alpn`; returns the stream and the served certificate.
+async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+) {
+    tls_connect_with(addr, sni, alpn, rustls::DEFAULT_VERSIONS).await
+}
+
+async fn tls_connect_with(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+) {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .expect("protocol versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connecting to the gateway");
+    let name = ServerName::try_from(sni.to_owned()).expect("a server name");
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("TLS handshake with SNI {sni}: {e}"));
+    let (_, session) = stream.get_ref();
+    assert_eq!(
+        session.alpn_protocol(),
+        Some(alpn),
+        "the gateway accepts ALPN {}",
+        String::from_utf8_lossy(alpn)
+    );
+    let certificate = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .expect("a served certificate")
+        .clone()
+        .into_owned();
+    (stream, certificate)
+}
+
+struct Answer {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "the body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn request_id(&self) -> String {
+        self.headers["x-request-id"]
+            .to_str()
+            .expect("an ASCII request id")
+            .to_owned()
+    }
+}
+
+/// Sends one request over an established connection with hyper's HTTP/2 or HTTP/1.1 client.
+async fn send<I>(io: I, h2: bool, request: Request<Full<Bytes>>) -> Answer
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let response = if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    }
+    .expect("a response from the gateway");
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body: body.collect().await.expect("the response body").to_bytes(),
+    }
+}
+
+fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {
+    Request::get(uri)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request")
+}
+
+/// Sends raw bytes (one request with `Connection: close`) and returns the status code and the
+/// whole answer.
+async fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connecting");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("sending the request");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "no answer within 10 s to {request:?}");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
+
+fn raw_get(path: &str, extra_headers: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{extra_headers}Connection: close\r\n\r\n")
+}
+
+fn assert_problem(status: u16, text: &str, expected: u16) {
+    assert_eq!(status, expected, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/problem+json"),
+        "{text}"
+    );
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("a JSON problem body ({e}): {text}"));
+    assert_eq!(json["status"], expected, "{json}");
+    assert!(
+        json["type"].is_string() && json["title"].is_string() && json["request_id"].is_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_sni_picks_the_certificate_and_alpn_the_protocol() {
+    if !gateway_tests::require_root("https_sni_picks_the_certificate_and_alpn_the_protocol") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("sni", &upstream).await;
+
+    let (stream, certificate) = tls_connect(gateway.https, "api.test", b"h2").await;
+    assert_eq!(certificate, gateway.certificates.api, "exact name");
+    let answer = send(stream, true, get("https://api.test/api/hello", "api.test")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.version, Version::HTTP_2);
+    assert_eq!(answer.json()["path"], "/api/hello");
+
+    let (stream, certificate) = tls_connect(gateway.https, "x.wild.test", b"http/1.1").await;
+    assert_eq!(certificate, gateway.certificates.wildcard, "wildcard name");
+    let answer = send(stream, false, get("/api/one", "x.wild.test")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.version, Version::HTTP_11);
+
+    let (stream, certificate) = tls_connect(gateway.https, "localhost", b"h2").await;
+    assert_ne!(
+        certificate, gateway.certificates.api,
+        "the default, not api.test's"
+    );
+    assert_ne!(certificate, gateway.certificates.wildcard);
+    // `:authority` decides, and the upstream gets it as `Host`, whatever `Host` said.
+    let answer = send(
+        stream,
+        true,
+        get("https://localhost:8443/api/two", "other.test"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(upstream.hits(), 3);
+    assert_eq!(upstream.last().headers["host"], "localhost:8443");
+    let line = gateway.access_line(&answer.request_id()).await;
+    assert_eq!(line["tls_version"], "TLSv1.3", "{line}");
+    assert_eq!(line["alpn"], "h2", "{line}");
+
+    // TLS 1.2 clients are served too.
+    let (stream, _) =
+        tls_connect_with(gateway.https, "api.test", b"h2", &[&rustls::version::TLS12]).await;
+    let answer = send(stream, true, get("https://api.test/api/three", "api.test")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let line = gateway.access_line(&answer.request_id()).await;
+    assert_eq!(line["tls_version"], "TLSv1.2", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_requests_get_404_and_never_reach_the_upstream() {
+    if !gateway_tests::require_root("unmatched_requests_get_404_and_never_reach_the_upstream") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("deny", &upstream).await;
+    for path in ["/", "/admin", "/apix", "/API/x"] {
+        let (status, text) = raw(gateway.plain, &raw_get(path, "")).await;
+        assert_problem(status, &text, 404);
+    }
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+    let answer = send(stream, true, get("https://api.test/admin", "api.test")).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        answer.headers["content-type"], "application/problem+json",
+        "the HTTP/2 error is a problem too"
+    );
+    assert_eq!(answer.json()["request_id"], answer.request_id());
+    assert_eq!(upstream.hits(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_normalisation_cannot_be_used_to_reach_another_route() {
+    if !gateway_tests::require_root("path_normalisation_cannot_be_used_to_reach_another_route") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("normalise", &upstream).await;
+    // `/admin` is routed nowhere: every spelling of it must get the gateway's 404.
+    for path in [
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api/.%2E/admin",
+        "/%61dmin",
+        "//admin",
+        "/./admin",
+        "/api/./../admin/",
+    ] {
+        let (status, text) = raw(gateway.plain, &raw_get(path, "")).await;
+        assert_problem(status, &text, 404);
+    }
+    // Encoded separators and broken escapes are refused outright.
+    for path in [
+        "/api/..%2fadmin",
+        "/api/%2F..%2Fadmin",
+        "/api/%zz",
+        "/api/%5c..%5cadmin",
+    ] {
+        let (status, text) = raw(gateway.plain, &raw_get(path, "")).await;
+        assert_problem(status, &text, 400);
+    }
+    assert_eq!(upstream.hits(), 0, "no bypass reached the upstream");
+    // Spellings that resolve into `/api/` are routed, and the upstream sees the normal form.
+    for path in [
+        "/%61pi/users",
+        "//api//users",
+        "/admin/../api/users",
+        "/api/./users",
+    ] {
+        let (status, text) = raw(gateway.plain, &raw_get(path, "")).await;
+        assert_eq!(status, 200, "{path}: {text}");
+        assert_eq!(upstream.last().path, "/api/users", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_get_431_and_414() {
+    if !gateway_tests::require_root("oversized_heads_get_431_and_414") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("limits", &upstream).await;
+    let big = format!("X-Big: {}\r\n", "a".repeat(5000));
+    let (status, text) = raw(gateway.plain, &raw_get("/api/x", &big)).await;
+    assert_problem(status, &text, 431);
+    let many: String = (0..40).map(|i| format!("X-Many-{i}: 1\r\n")).collect();
+    let (status, text) = raw(gateway.plain, &raw_get("/api/x", &many)).await;
+    assert_problem(status, &text, 431);
+    let long = format!("/api/{}", "a".repeat(2000));
+    let (status, text) = raw(gateway.plain, &raw_get(&long, "")).await;
+    assert_problem(status, &text, 414);
+    // Far beyond the limits hyper refuses the head itself, still with 431 and no upstream.
+    let huge = format!("X-Huge: {}\r\n", "a".repeat(100_000));
+    let (status, _) = raw(gateway.plain, &raw_get("/api/x", &huge)).await;
+    assert_eq!(status, 431);
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_get_413_while_streaming() {
+    if !gateway_tests::require_root("bodies_over_the_limit_get_413_while_streaming") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("body", &upstream).await;
+
+    // A declared length over the limit: refused before the upstream is contacted.
+    let declared = format!(
+        "POST /api/upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        MAX_BODY * 4,
+        "a".repeat(MAX_BODY * 4)
+    );
+    let (status, text) = raw(gateway.plain, &declared).await;
+    assert_problem(status, &text, 413);
+    assert_eq!(upstream.hits(), 0);
+
+    // A chunked body that grows past the limit: streamed, cut off, answered 413.
+    let mut stream = TcpStream::connect(gateway.plain).await.expect("connecting");
+    stream
+        .write_all(b"POST /api/upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("sending the head");
+    let chunk = format!("200\r\n{}\r\n", "b".repeat(0x200));
+    for _ in 0..64 {
+        // The gateway may close the connection once it answered: stop sending then.
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert_problem(status, &text, 413);
+    for seen in upstream.seen() {
+        assert!(
+            !seen.body_complete || seen.body_bytes <= MAX_BODY,
+            "the upstream received a whole oversized body: {seen:?}"
+        );
+    }
+
+    // Under the limit, a body goes through.
+    let small = "POST /api/upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    let (status, text) = raw(gateway.plain, small).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(upstream.last().body_bytes, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_become_502_503_and_504_without_detail() {
+    if !gateway_tests::require_root("upstream_failures_become_502_503_and_504_without_detail") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("upstream", &upstream).await;
+    let (status, text) = raw(gateway.plain, &raw_get("/down/x", "")).await;
+    assert_problem(status, &text, 502);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(
+        !body.contains("refused") && !body.contains("127.0.0.1") && !body.contains("connect"),
+        "internal detail in {body}"
+    );
+    // The refusing endpoint is now left out for a while: the pool has nothing to offer.
+    let (status, text) = raw(gateway.plain, &raw_get("/down/x", "")).await;
+    assert_problem(status, &text, 503);
+
+    let started = Instant::now();
+    let (status, text) = raw(gateway.plain, &raw_get("/api/slow", "")).await;
+    let waited = started.elapsed();
+    assert_problem(status, &text, 504);
+    assert!(
+        waited >= ROUTE_TIMEOUT && waited < SLOW_UPSTREAM,
+        "504 after {waited:?}, the route timeout is {ROUTE_TIMEOUT:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_rewritten_from_what_the_gateway_saw() {
+    if !gateway_tests::require_root("headers_are_rewritten_from_what_the_gateway_saw") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("headers", &upstream).await;
+    let spoofing = "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: https\r\n\
+                    Keep-Alive: timeout=99\r\nX-Hop: secret\r\nTE: trailers\r\nX-Request-Id: given-id-42\r\n";
+    let request = format!(
+        "GET /api/h HTTP/1.1\r\nHost: app.test\r\n{spoofing}Connection: close, x-hop\r\n\r\n"
+    );
+
+    // Untrusted peer: the client's forwarding headers are replaced.
+    let (status, text) = raw(gateway.plain, &request).await;
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "app.test");
+    assert_eq!(
+        seen["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"app.test\""
+    );
+    assert_eq!(
+        seen["x-request-id"], "given-id-42",
+        "a client's id is propagated"
+    );
+    for hop in ["x-hop", "keep-alive", "te"] {
+        assert!(!seen.contains_key(hop), "`{hop}` was forwarded: {seen:?}");
+    }
+    let lower = text.to_ascii_lowercase();
+    for stripped in ["server:", "x-powered-by:", "x-upstream-hop:", "keep-alive:"] {
+        assert!(
+            !lower.contains(stripped),
+            "`{stripped}` reached the client: {text}"
+        );
+    }
+    assert!(lower.contains("x-request-id: given-id-42"), "{text}");
+
+    // Trusted proxy: its chain is kept and extended.
+    let (status, text) = raw(gateway.trusted, &request).await;
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(
+        seen["forwarded"],
+        "for=6.6.6.6, for=127.0.0.1;proto=http;host=\"app.test\""
+    );
+
+    // A generated id when the client sent none.
+    let (_, text) = raw(gateway.plain, &raw_get("/api/h", "")).await;
+    let id = upstream.last().headers["x-request-id"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert!(text.contains(&id), "the client gets the same id: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_are_json_and_keep_secrets_out() {
+    if !gateway_tests::require_root("access_log_lines_are_json_and_keep_secrets_out") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("access", &upstream).await;
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"http/1.1").await;
+    let request = Request::post("/api/log?page=2&access_token=tok-789")
+        .header("host", "api.test")
+        .header("authorization", "Bearer sekrit-123")
+        .header("cookie", "session=cookie-456")
+        .header("x-api-key", "key-000")
+        .body(Full::new(Bytes::from_static(b"twelve bytes")))
+        .expect("a valid request");
+    let answer = send(stream, false, request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let line = gateway.access_line(&answer.request_id()).await;
+    for field in ["timestamp", "source", "latency_ms"] {
+        assert!(line.get(field).is_some(), "`{field}` missing: {line}");
+    }
+    assert_eq!(line["listener"], "public", "{line}");
+    assert_eq!(line["route"], "api", "{line}");
+    assert_eq!(line["upstream"], upstream.addr.to_string(), "{line}");
+    assert_eq!(line["method"], "POST", "{line}");
+    assert_eq!(
+        line["path"], "/api/log?page=2&access_token=REDACTED",
+        "{line}"
+    );
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["bytes_in"], 12, "{line}");
+    assert_eq!(line["bytes_out"], answer.body.len(), "{line}");
+    assert_eq!(line["tls_version"], "TLSv1.3", "{line}");
+    assert_eq!(line["alpn"], "http/1.1", "{line}");
+    let log = gateway.log_text();
+    for secret in ["sekrit-123", "cookie-456", "tok-789", "key-000"] {
+        assert!(!log.contains(secret), "`{secret}` is in the log:\n{log}");
+    }
+    assert!(
+        log.contains("L7 gateway serving; try `curl"),
+        "the start-up log says what to try:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_cut_off_after_the_header_timeout() {
+    if !gateway_tests::require_root("slowloris_clients_are_cut_off_after_the_header_timeout") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("slowloris", &upstream).await;
+    let mut stream = TcpStream::connect(gateway.plain).await.expect("connecting");
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
+        .await
+        .expect("sending the start of the head");
+    // One header byte every 250 ms, never finishing, until the gateway hangs up (bounded).
+    let cut_off = loop {
+        assert!(
+            started.elapsed() < HEADER_TIMEOUT * 5,
+            "still connected after {:?}",
+            started.elapsed()
+        );
+        if stream.write_all(b"a").await.is_err() {
+            break started.elapsed();
+        }
+        let mut buf = [0u8; 256];
+        // Bytes read (hyper may answer 408 before closing) or none yet: the close follows.
+        let read = tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            break started.elapsed();
+        }
+    };
+    assert!(
+        cut_off >= HEADER_TIMEOUT - Duration::from_millis(100)
+            && cut_off < HEADER_TIMEOUT + Duration::from_secs(2),
+        "cut off after {cut_off:?}; the header read timeout is {HEADER_TIMEOUT:?}"
+    );
+    eprintln!("slowloris client cut off after {cut_off:?}");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upstreams_are_spoken_to_in_http2() {
+    if !gateway_tests::require_root("h2c_upstreams_are_spoken_to_in_http2") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("h2c", &upstream).await;
+    for _ in 0..3 {
+        let (status, text) = raw(gateway.plain, &raw_get("/h2/x", "")).await;
+        assert_eq!(status, 200, "{text}");
+        let seen = upstream.last();
+        assert_eq!(seen.version, Version::HTTP_2, "{seen:?}");
+        assert_eq!(seen.headers["host"], "app.test", "{seen:?}");
+    }
+    let (status, _) = raw(gateway.plain, &raw_get("/api/x", "")).await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.last().version, Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    if !gateway_tests::require_root("idle_keep_alive_connections_are_closed") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("idle", &upstream).await;
+    let mut stream = TcpStream::connect(gateway.plain).await.expect("connecting");
+    stream
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .expect("sending a keep-alive request");
+    let sent = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(IDLE_TIMEOUT * 3, stream.read_to_end(&mut answer)).await;
+    let closed = sent.elapsed();
+    assert!(
+        read.is_ok(),
+        "the idle connection was still open after {closed:?}"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        closed >= IDLE_TIMEOUT - Duration::from_millis(100)
+            && closed < IDLE_TIMEOUT + Duration::from_secs(2),
+        "closed after {closed:?}; the idle timeout is {IDLE_TIMEOUT:?}"
+    );
+    eprintln!("idle keep-alive connection closed after {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_source_limit_are_refused() {
+    if !gateway_tests::require_root("connections_over_the_per_source_limit_are_refused") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("connlimit", &upstream).await;
+    let mut held = Vec::new();
+    for _ in 0..PER_SOURCE {
+        held.push(TcpStream::connect(gateway.plain).await.expect("connecting"));
+    }
+    // The kernel completes the handshake; the gateway closes the socket at accept.
+    let mut extra = TcpStream::connect(gateway.plain).await.expect("connecting");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "connection {} was not closed at once: {read:?}",
+        PER_SOURCE + 1
+    );
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, text) = raw(gateway.plain, &raw_get("/api/x", "")).await;
+    assert_eq!(status, 200, "a freed place is usable again: {text}");
+    assert!(
+        gateway.log_text().contains("connection refused"),
+        "the refusal is logged"
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests() {
+    if !gateway_tests::require_root("shutdown_drains_in_flight_requests") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let mut gateway = Gateway::start("drain", &upstream).await;
+    let plain = gateway.plain;
+    let in_flight = tokio::spawn(async move { raw(plain, &raw_get("/slow/x", "")).await });
+    while upstream.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(plain).await.is_err(),
+        "the listener still accepts after SIGTERM"
+    );
+    let (status, text) = in_flight.await.expect("the in-flight request task");
+    assert_eq!(status, 200, "the in-flight request finished: {text}");
+    assert_eq!(
+        gateway.exited_within(Duration::from_secs(10)).await,
+        Some(true),
+        "the daemon exits cleanly after draining"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_certificates_are_served_without_dropping_connections() {
+    if !gateway_tests::require_root("changed_certificates_are_served_without_dropping_connections")
+    {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start("reload", &upstream).await;
+    let (stream, before) = tls_connect(gateway.https, "api.test", b"h2").await;
+    assert_eq!(before, gateway.certificates.api);
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(get("https://api.test/api/before", "api.test"))
+        .await
+        .expect("a response before the reload");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // A broken file is ignored: the old certificate stays.
+    fs::write(gateway.dir.0.join("api.key"), "not a key").expect("breaking the key");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, served) = tls_connect(gateway.https, "api.test", b"h2").await;
+    assert_eq!(
+        served, gateway.certificates.api,
+        "the broken key was not loaded"
+    );
+    assert!(
+        gateway.log_text().contains("cannot be used"),
+        "the broken file is reported"
+    );
+
+    let renewed = write_certificate(&gateway.dir.0, "api", "api.test");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, served) = tls_connect(gateway.https, "api.test", b"h2").await;
+        if served == renewed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The connection opened before the reload still works.
+    let response = sender
+        .send_request(get("https://api.test/api/after", "api.test"))
+        .await
+        .expect("a response on the old connection after the reload");
+    assert_eq!(response.status(), StatusCode::OK);
+}
