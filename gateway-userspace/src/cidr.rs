@@ -43,6 +43,23 @@ impl Cidr {
         }
     }
 
+    /// The prefix that holds `addr`: `v4_len` bits of an IPv4 address (IPv4-mapped IPv6
+    /// counts as IPv4), `v6_len` bits of an IPv6 one. Lengths beyond the family's are clamped.
+    pub fn prefix_of(addr: IpAddr, v4_len: u8, v6_len: u8) -> Self {
+        match Self::host(addr).0 {
+            IpNet::V4(v4) => Cidr(IpNet::V4(
+                Ipv4Net::new(v4.addr(), v4_len.min(32))
+                    .expect("length clamped")
+                    .trunc(),
+            )),
+            IpNet::V6(v6) => Cidr(IpNet::V6(
+                Ipv6Net::new(v6.addr(), v6_len.min(128))
+                    .expect("length clamped")
+                    .trunc(),
+            )),
+        }
+    }
+
     pub fn net(&self) -> IpNet {
         self.0
     }
@@ -67,6 +84,11 @@ impl Cidr {
     /// Whether `addr` (IPv4-mapped IPv6 counts as IPv4) lies in this prefix.
     pub fn contains(&self, addr: IpAddr) -> bool {
         self.0.contains(&Self::host(addr).addr())
+    }
+
+    /// Whether the two prefixes share any address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr()) || other.contains(self.addr())
     }
 
     /// Builds a prefix from raw network-order bytes as the kernel maps hold them.
@@ -191,6 +213,16 @@ mod tests {
         let net: Cidr = "::ffff:198.51.100.0/120".parse().unwrap();
         assert_eq!(net.to_string(), "198.51.100.0/24");
         assert!(net.contains("::ffff:198.51.100.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn prefixes_of_addresses() {
+        let v4 = Cidr::prefix_of("198.51.100.77".parse().unwrap(), 24, 64);
+        assert_eq!(v4.to_string(), "198.51.100.0/24");
+        let mapped = Cidr::prefix_of("::ffff:198.51.100.77".parse().unwrap(), 32, 64);
+        assert_eq!(mapped.to_string(), "198.51.100.77");
+        let v6 = Cidr::prefix_of("2001:db8:1:2:3:4:5:6".parse().unwrap(), 32, 64);
+        assert_eq!(v6.to_string(), "2001:db8:1:2::/64");
     }
 
     #[test]

@@ -198,6 +198,17 @@ impl Gateway {
     /// Writes a config for `interface` (native mode, a rate limit far above anything the tests
     /// send, so that only the lists decide). Does not start the daemon.
     fn new(tag: &str, interface: &str) -> Gateway {
+        Gateway::with_config(
+            tag,
+            interface,
+            "packets_per_second = 1000000\nburst = 1000000\n",
+            "",
+        )
+    }
+
+    /// Like [`Gateway::new`], with `rate_limit` as the body of `[xdp.rate_limit]` and `extra`
+    /// (whole tables) appended.
+    fn with_config(tag: &str, interface: &str, rate_limit: &str, extra: &str) -> Gateway {
         let instance = format!("e2e-{tag}-{}", std::process::id());
         let gateway = Gateway {
             dir: TempDir::new(&format!("gateway-{instance}")),
@@ -216,8 +227,8 @@ impl Gateway {
              mode = \"native\"\n\
              sweep_interval = \"200ms\"\n\
              [xdp.rate_limit]\n\
-             packets_per_second = 1000000\n\
-             burst = 1000000\n",
+             {rate_limit}\n\
+             {extra}\n",
             instance = gateway.instance,
         );
         fs::write(gateway.config(), config).expect("writing the config");
@@ -537,6 +548,16 @@ struct Setup {
 impl Setup {
     /// `None` (the test skips) when not root outside CI.
     fn new(test: &str, tag: &str, subnet: u8) -> Option<Setup> {
+        Setup::with_config(test, tag, subnet, |net| Gateway::new(tag, &net.gateway_if))
+    }
+
+    /// Like [`Setup::new`], with the daemon's config made by `gateway` for the pair.
+    fn with_config(
+        test: &str,
+        tag: &str,
+        subnet: u8,
+        gateway: impl FnOnce(&VethPair) -> Gateway,
+    ) -> Option<Setup> {
         if !require_root(test) {
             return None;
         }
@@ -546,7 +567,7 @@ impl Setup {
             &net.gateway,
             &[net.gateway_v4.into(), net.gateway_v6.into()],
         );
-        let mut gateway = Gateway::new(tag, &net.gateway_if);
+        let mut gateway = gateway(&net);
         gateway.start(&net.gateway);
         assert_eq!(
             net.gateway_xdp(),
@@ -995,4 +1016,480 @@ fn vlan_tagged_frames_from_a_banned_source_are_dropped() {
             "{name}: up to two tags parse"
         );
     }
+}
+
+// --- The abuse verdict loop -------------------------------------------------------------------
+
+/// The rate limit of the abuse tests: far above anything they send, unless a test floods.
+const NO_RATE_LIMIT: &str = "packets_per_second = 1000000\nburst = 1000000";
+
+/// An upstream in the gateway's namespace: paths under `/login` answer 401 (a login that
+/// refuses every password), anything else 200.
+struct LoginUpstream {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoginUpstream {
+    fn start(netns: &Netns) -> LoginUpstream {
+        let listener =
+            netns.run(|| TcpListener::bind("127.0.0.1:0").expect("binding the upstream"));
+        let port = listener.local_addr().expect("its address").port();
+        listener.set_nonblocking(true).expect("non-blocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            while !running.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                let status = if path.starts_with("/login") {
+                    "401 Unauthorized"
+                } else {
+                    "200 OK"
+                };
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        LoginUpstream {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LoginUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Listener, routes and upstream for the abuse tests, plus `rules` (whole TOML tables) and
+/// `listener_extra` (keys of the listener table).
+fn abuse_config(net: &VethPair, upstream_port: u16, listener_extra: &str, rules: &str) -> String {
+    format!(
+        "[[listeners]]\n\
+         name = \"edge\"\n\
+         address = \"{gateway}:8080\"\n\
+         routes = [\"login\", \"api\"]\n\
+         {listener_extra}\n\
+         [[routes]]\n\
+         name = \"login\"\n\
+         path_prefix = \"/login\"\n\
+         upstream = \"app\"\n\
+         [[routes]]\n\
+         name = \"api\"\n\
+         path_prefix = \"/api\"\n\
+         upstream = \"app\"\n\
+         [[upstreams]]\n\
+         name = \"app\"\n\
+         endpoints = [\"127.0.0.1:{upstream_port}\"]\n\
+         {rules}\n",
+        gateway = net.gateway_v4,
+    )
+}
+
+/// An abuse setup: the daemon with an L7 listener on port 8080 and the upstream above.
+fn abuse_setup(
+    test: &str,
+    tag: &str,
+    subnet: u8,
+    rate_limit: &str,
+    listener_extra: &str,
+    rules: &str,
+) -> Option<(Setup, LoginUpstream)> {
+    let mut upstream = None;
+    let setup = Setup::with_config(test, tag, subnet, |net| {
+        let login = LoginUpstream::start(&net.gateway);
+        let extra = abuse_config(net, login.port, listener_extra, rules);
+        upstream = Some(login);
+        Gateway::with_config(tag, &net.gateway_if, rate_limit, &extra)
+    })?;
+    Some((setup, upstream.expect("started with the setup")))
+}
+
+/// `GET path` with curl from the client namespace (from `from` when given, with an
+/// `X-Forwarded-For` when given); `None` when no response came within a second.
+fn http(
+    net: &VethPair,
+    from: Option<IpAddr>,
+    path: &str,
+    forwarded_for: Option<&str>,
+) -> Option<u16> {
+    let url = format!("http://{}:8080{path}", net.gateway_v4);
+    let output = net.client.run(|| {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+        ]);
+        if let Some(from) = from {
+            curl.args(["--interface", &from.to_string()]);
+        }
+        if let Some(client) = forwarded_for {
+            curl.args(["-H", &format!("X-Forwarded-For: {client}")]);
+        }
+        curl.arg(&url).output().expect("running curl")
+    });
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|code| *code != 0)
+}
+
+/// Waits (bounded) until the client's traffic to `server` is dropped: a verdict is executed
+/// off the request path, so the ban lands a moment after the response that triggered it.
+fn wait_until_blocked(net: &VethPair, server: SocketAddr, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while udp_echo(&net.client, server) {
+        assert!(
+            Instant::now() < deadline,
+            "{when}: still not blocked after 3 s"
+        );
+    }
+    assert_blocked(net, server, when);
+}
+
+/// The audit log's records, one per verdict.
+fn audit_records(gateway: &Gateway) -> Vec<Value> {
+    fs::read_to_string(gateway.dir.0.join("state/audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+        .collect()
+}
+
+/// Sends UDP probes to the echo server right after `t0` and returns when the first one was
+/// dropped for good (all later ones lost too): the end-to-end ban reaction time.
+fn reaction_time(net: &VethPair, t0: Instant) -> Option<Duration> {
+    let to = SocketAddr::new(net.gateway_v4.into(), PORT);
+    net.client.run(move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("a probe socket");
+        socket.connect(to).expect("connecting the probe socket");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let mut sent = Vec::new();
+        let mut echoed = std::collections::HashSet::new();
+        let mut buffer = [0u8; 8];
+        // Bounded: at most 4,000 probes over at most 400 ms.
+        while sent.len() < 4000 && t0.elapsed() < Duration::from_millis(400) {
+            let seq = sent.len() as u64;
+            let _ = socket.send(&seq.to_be_bytes());
+            sent.push(t0.elapsed());
+            while let Ok(8) = socket.recv(&mut buffer) {
+                echoed.insert(u64::from_be_bytes(buffer));
+            }
+            thread::sleep(Duration::from_micros(100));
+        }
+        thread::sleep(Duration::from_millis(50));
+        while let Ok(8) = socket.recv(&mut buffer) {
+            echoed.insert(u64::from_be_bytes(buffer));
+        }
+        let last_echoed = (0..sent.len() as u64)
+            .rev()
+            .find(|seq| echoed.contains(seq));
+        let first_dropped = last_echoed.map_or(0, |seq| seq as usize + 1);
+        sent.get(first_dropped).copied()
+    })
+}
+
+#[test]
+fn credential_stuffing_is_banned_in_the_kernel() {
+    let rules = "[[abuse.rules]]\nname = \"stuffing\"\nclasses = [\"auth_failure\"]\n\
+                 threshold = 10\nwindow = \"30s\"\nban = \"60s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "credential_stuffing_is_banned_in_the_kernel",
+        "stuff",
+        10,
+        NO_RATE_LIMIT,
+        "",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    // A legitimate client on another address of the same network, with an occasional typo.
+    let [a, b, c, _] = net.client_v4.octets();
+    let legit = Ipv4Addr::new(a, b, c, 3);
+    net.client
+        .ip(&["addr", "add", &format!("{legit}/24"), "dev", &net.client_if]);
+    assert_eq!(http(net, Some(legit.into()), "/login", None), Some(401));
+    assert_eq!(
+        http(net, Some(legit.into()), "/api/orders", None),
+        Some(200)
+    );
+
+    let attacker = Some(IpAddr::from(net.client_v4));
+    for attempt in 1..10 {
+        assert_eq!(
+            http(net, attacker, "/login", None),
+            Some(401),
+            "attempt {attempt}"
+        );
+    }
+    let before = gateway.stats();
+    assert_eq!(
+        http(net, attacker, "/login", None),
+        Some(401),
+        "the tenth attempt"
+    );
+    let t0 = Instant::now();
+    match reaction_time(net, t0) {
+        Some(took) => {
+            eprintln!("ban reaction time (10th 401 received -> first dropped probe): {took:?}")
+        }
+        None => panic!(
+            "no probe was dropped within 400 ms of the tenth 401:\n{}",
+            gateway.log_text()
+        ),
+    }
+    let [server_v4, _] = servers(net);
+    wait_until_blocked(net, server_v4, "after credential stuffing");
+    assert_eq!(
+        http(net, attacker, "/api/orders", None),
+        None,
+        "L7 is out of reach too"
+    );
+    assert!(gateway.stats().rise(&before, "blocked_address") > 0);
+
+    // The legitimate neighbour is untouched.
+    assert_eq!(
+        http(net, Some(legit.into()), "/api/orders", None),
+        Some(200)
+    );
+    assert_eq!(http(net, Some(legit.into()), "/login", None), Some(401));
+
+    let client = net.client_v4.to_string();
+    let explained = gateway.cli_ok(&["bans", "explain", &client]);
+    assert!(explained.contains("origin auto"), "{explained}");
+    assert!(explained.contains("rule `stuffing`"), "{explained}");
+    let audit = audit_records(gateway);
+    assert_eq!(audit.len(), 1, "one audit line per verdict: {audit:?}");
+    assert_eq!(audit[0]["source"], client.as_str());
+    assert_eq!(audit[0]["enforcement"], "xdp");
+    assert_eq!(audit[0]["evidence"][0][1], 10);
+
+    let lifted = gateway.cli_ok(&["bans", "lift", &client]);
+    assert!(lifted.contains(&client), "{lifted}");
+    assert_passes(net, server_v4, "after `bans lift`");
+}
+
+#[test]
+fn a_second_offence_is_banned_longer() {
+    let rules = "[[abuse.rules]]\nname = \"scanner\"\nclasses = [\"not_found\"]\n\
+                 threshold = 5\nwindow = \"30s\"\nban = \"2s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "a_second_offence_is_banned_longer",
+        "scan",
+        11,
+        NO_RATE_LIMIT,
+        "",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    let [server_v4, _] = servers(net);
+    let scan = |round: u32| {
+        for probe in 0..5 {
+            let path = format!("/.git/config-{round}-{probe}");
+            assert_eq!(
+                http(net, None, &path, None),
+                Some(404),
+                "probe {probe} of round {round}"
+            );
+        }
+    };
+    scan(1);
+    wait_until_blocked(net, server_v4, "after the first scan");
+    // The first ban lasts 2 s; then the scanner gets through again.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while tcp_connect(&net.client, server_v4).is_err() {
+        assert!(Instant::now() < deadline, "the first ban did not expire");
+        thread::sleep(Duration::from_millis(200));
+    }
+    scan(2);
+    wait_until_blocked(net, server_v4, "after the second scan");
+    let entry = gateway.entry("block", &net.client_v4.to_string());
+    let left_ms = entry["expires_unix_ms"]
+        .as_u64()
+        .expect("the ban expires")
+        .saturating_sub(unix_ms_now());
+    assert!(
+        (2_500..=4_500).contains(&left_ms),
+        "the second ban lasts twice the first (4 s), {left_ms} ms left"
+    );
+    let audit = audit_records(gateway);
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(
+        (audit[0]["offence"].as_u64(), audit[1]["offence"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(audit[1]["ttl_secs"], 4);
+}
+
+#[test]
+fn dry_runs_and_allowlisted_sources_are_never_banned() {
+    let rules = "[[abuse.rules]]\nname = \"stuffing\"\nclasses = [\"auth_failure\"]\n\
+                 threshold = 3\nwindow = \"30s\"\nban = \"60s\"\ndry_run = true\n\
+                 [[abuse.rules]]\nname = \"scanner\"\nclasses = [\"not_found\"]\n\
+                 threshold = 3\nwindow = \"30s\"\nban = \"60s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "dry_runs_and_allowlisted_sources_are_never_banned",
+        "dry",
+        12,
+        NO_RATE_LIMIT,
+        "",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    let [server_v4, _] = servers(net);
+    for _ in 0..6 {
+        assert_eq!(http(net, None, "/login", None), Some(401));
+    }
+    assert_passes(net, server_v4, "a dry-run rule bans nobody");
+
+    let client = net.client_v4.to_string();
+    gateway.cli_ok(&["allow", "add", &client]);
+    for probe in 0..6 {
+        assert_eq!(http(net, None, &format!("/admin{probe}"), None), Some(404));
+    }
+    assert_passes(net, server_v4, "an allowlisted source is never banned");
+    let enforcement: Vec<String> = audit_records(gateway)
+        .iter()
+        .map(|r| r["enforcement"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        enforcement,
+        ["dry_run", "dry_run", "protected", "protected"]
+    );
+    assert_eq!(
+        gateway
+            .json(&["bans", "list", "--json"])
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+}
+
+#[test]
+fn behind_a_trusted_proxy_the_client_is_denied_at_l7() {
+    let rules = "[[abuse.rules]]\nname = \"stuffing\"\nclasses = [\"auth_failure\"]\n\
+                 threshold = 3\nwindow = \"30s\"\nban = \"60s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "behind_a_trusted_proxy_the_client_is_denied_at_l7",
+        "proxy",
+        13,
+        NO_RATE_LIMIT,
+        // The client namespace plays a reverse proxy in front of the gateway.
+        "trusted_proxies = [\"198.18.13.0/24\"]",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    assert_eq!(
+        net.v4_subnet(),
+        "198.18.13.0/24",
+        "the trusted network is the client's"
+    );
+    let offender = "203.0.113.77";
+    for _ in 0..3 {
+        assert_eq!(http(net, None, "/login", Some(offender)), Some(401));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(net, None, "/api/orders", Some(offender)) != Some(403) {
+        assert!(
+            Instant::now() < deadline,
+            "the offender is not denied at L7"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        http(net, None, "/api/orders", Some("203.0.113.78")),
+        Some(200),
+        "others pass"
+    );
+    let [server_v4, _] = servers(net);
+    assert_passes(net, server_v4, "the proxy itself is never banned at L3");
+    let explained = gateway.json(&["bans", "explain", offender, "--json"]);
+    assert_eq!(explained["denied_at_l7"], true, "{explained}");
+    assert_eq!(audit_records(gateway)[0]["enforcement"], "l7");
+}
+
+#[test]
+fn an_xdp_rate_limit_flood_becomes_a_ban() {
+    let rules = "[[abuse.rules]]\nname = \"flood\"\nclasses = [\"xdp_rate_limit\"]\n\
+                 threshold = 3\nwindow = \"10s\"\nban = \"60s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "an_xdp_rate_limit_flood_becomes_a_ban",
+        "flood",
+        14,
+        "packets_per_second = 100\nburst = 100\nevent_interval = \"100ms\"",
+        "",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { gateway, net, .. } = &setup;
+    let to = SocketAddr::new(net.gateway_v4.into(), PORT);
+    let before = gateway.stats();
+    // Flood until the kernel drops the source as banned (bounded in count and time).
+    net.client.run(|| {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("a flood socket");
+        let started = Instant::now();
+        for sent in 0..200_000u32 {
+            let _ = socket.send_to(b"flood", to);
+            if sent % 1000 == 999 {
+                thread::sleep(Duration::from_millis(10));
+                if started.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+            }
+        }
+    });
+    let after = gateway.stats_after(&before, "blocked_address", 1);
+    assert!(
+        after.rise(&before, "rate_limited") > 0,
+        "the rate limit tripped first"
+    );
+    let entry = gateway.entry("block", &net.client_v4.to_string());
+    assert_eq!(entry["origin"], "auto", "{entry}");
+    assert!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("xdp_rate_limit")),
+        "{entry}"
+    );
 }

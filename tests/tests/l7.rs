@@ -90,6 +90,11 @@ struct Upstream {
 
 impl Upstream {
     async fn start() -> Upstream {
+        Upstream::start_with(None).await
+    }
+
+    /// The same upstream behind TLS (this acceptor's certificate, ALPN and client checks).
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding the upstream");
@@ -103,6 +108,7 @@ impl Upstream {
                     continue;
                 };
                 let (seen, hits) = (Arc::clone(&seen_in), Arc::clone(&hits_in));
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
                         let (seen, hits) = (Arc::clone(&seen), Arc::clone(&hits));
@@ -111,9 +117,25 @@ impl Upstream {
                             Ok::<_, std::convert::Infallible>(upstream_answer(request, &seen).await)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        // A failed handshake (a client without the certificate asked for) ends
+                        // the connection, as a real TLS server does.
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => Ok(()),
+                        },
+                    };
                 });
             }
         });
@@ -185,6 +207,15 @@ async fn upstream_answer(
 /// A folder removed on drop.
 struct TempDir(PathBuf);
 
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("gateway-files-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("creating a test folder");
+        TempDir(path)
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
@@ -221,12 +252,27 @@ struct Gateway {
     https: SocketAddr,
     plain: SocketAddr,
     trusted: SocketAddr,
+    extra_listeners: Vec<SocketAddr>,
     certificates: Certificates,
     dir: TempDir,
 }
 
+/// What a test adds to the standard daemon: TOML appended to the config (more listeners,
+/// routes, upstreams), routes also served by `public`, and the addresses of the extra
+/// listeners, to wait for.
+#[derive(Default)]
+struct Extra {
+    toml: String,
+    public_routes: Vec<&'static str>,
+    listeners: Vec<SocketAddr>,
+}
+
 impl Gateway {
     async fn start(tag: &str, upstream: &Upstream) -> Gateway {
+        Gateway::start_with(tag, upstream, Extra::default()).await
+    }
+
+    async fn start_with(tag: &str, upstream: &Upstream, extra: Extra) -> Gateway {
         let instance = format!("l7-{tag}-{}", std::process::id());
         let path = std::env::temp_dir().join(format!("gateway-{instance}"));
         let _ = fs::remove_dir_all(&path);
@@ -250,7 +296,7 @@ interfaces = []
 [[listeners]]
 name = "public"
 address = "{https}"
-routes = ["api", "down"]
+routes = ["api", "down"{public_routes}]
 [listeners.tls]
 self_signed = true
 self_signed_names = ["localhost"]
@@ -317,7 +363,14 @@ header_read_timeout = "{header_timeout}ms"
 idle_timeout = "{idle_timeout}ms"
 max_connections_per_source = {PER_SOURCE}
 shutdown_grace = "10s"
+{extra_toml}
 "#,
+            public_routes = extra
+                .public_routes
+                .iter()
+                .map(|route| format!(", \"{route}\""))
+                .collect::<String>(),
+            extra_toml = extra.toml,
             app = upstream.addr,
             timeout = ROUTE_TIMEOUT.as_millis(),
             header_timeout = HEADER_TIMEOUT.as_millis(),
@@ -341,6 +394,7 @@ shutdown_grace = "10s"
             https,
             plain,
             trusted,
+            extra_listeners: extra.listeners,
             certificates,
             dir,
         };
@@ -357,7 +411,10 @@ shutdown_grace = "10s"
                 panic!("the gateway exited during start-up ({status})");
             }
             let mut ready = true;
-            for addr in [self.https, self.plain, self.trusted] {
+            for addr in [self.https, self.plain, self.trusted]
+                .iter()
+                .chain(&self.extra_listeners)
+            {
                 ready &= TcpStream::connect(addr).await.is_ok();
             }
             if ready {
@@ -1183,4 +1240,921 @@ async fn changed_certificates_are_served_without_dropping_connections() {
         .await
         .expect("a response on the old connection after the reload");
     assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// A certificate authority for the tests: its certificate as PEM, and the leaf certificates
+/// (server or client) it issues.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate issued by a [`TestCa`], with its key.
+struct Leaf {
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("a CA certificate"),
+        }
+    }
+
+    fn write(&self, path: &Path) {
+        fs::write(path, self.issuer.pem()).expect("writing a CA certificate");
+    }
+
+    /// A leaf for `common_name` and `sans`, good for a TLS server (`server`) or client.
+    fn issue(&self, common_name: &str, sans: Vec<rcgen::SanType>, server: bool) -> Leaf {
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("leaf parameters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = rcgen::KeyPair::generate().expect("a leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("signing a leaf certificate");
+        Leaf {
+            cert: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+impl Leaf {
+    /// Writes `<stem>.crt` and `<stem>.key` into `dir`.
+    fn write(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        fs::write(&cert, &self.cert_pem).expect("writing a certificate");
+        fs::write(&key, &self.key_pem).expect("writing a key");
+        (cert, key)
+    }
+
+    fn key(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
+        use rustls_pki_types::pem::PemObject as _;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .expect("a PEM private key")
+    }
+}
+
+fn dns(name: &str) -> rcgen::SanType {
+    rcgen::SanType::DnsName(name.try_into().expect("an IA5 string"))
+}
+
+/// A TLS client config offering `alpn`, trusting any server certificate (these tests check
+/// client certificates), presenting `client` when given.
+fn client_config(alpn: &[u8], client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate));
+    let mut config = match client {
+        Some(leaf) => builder
+            .with_client_auth_cert(vec![leaf.cert.clone()], leaf.key())
+            .expect("a usable client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// One HTTP/1.1 GET over TLS presenting `client` (or no certificate): the whole answer, or why
+/// there was none (the handshake or the connection ended first). With TLS 1.3 a client sees
+/// its certificate refused only after its handshake finished, at the first read.
+async fn tls_get(addr: SocketAddr, client: Option<&Leaf>, path: &str) -> Result<String, String> {
+    let connector = tokio_rustls::TlsConnector::from(client_config(b"http/1.1", client));
+    let tcp = TcpStream::connect(addr).await.expect("connecting");
+    let name = ServerName::try_from("api.test").expect("a server name");
+    let mut stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("writing: {e}"))?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| "no answer within 10 s".to_owned())?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    match read {
+        Ok(_) if text.starts_with("HTTP/1.1 ") => Ok(text),
+        Ok(_) => Err(format!("closed without an answer: {text:?}")),
+        Err(e) => Err(format!("reading: {e}")),
+    }
+}
+
+/// The `X-Request-Id` of a raw HTTP/1.1 answer.
+fn raw_request_id(text: &str) -> String {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("x-request-id")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no x-request-id in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_listeners_require_or_accept_client_certificates() {
+    if !gateway_tests::require_root("mtls_listeners_require_or_accept_client_certificates") {
+        return;
+    }
+    let files = TempDir::new("mtls");
+    let ca = TestCa::new("Gateway Test Client CA");
+    ca.write(&files.0.join("clients-ca.crt"));
+    let client = ca.issue(
+        "billing-service",
+        vec![rcgen::SanType::URI(
+            "spiffe://acme.test/billing"
+                .try_into()
+                .expect("an IA5 string"),
+        )],
+        false,
+    );
+    // Issued by a CA the gateway does not trust.
+    let rogue = TestCa::new("Rogue CA").issue("billing-service", Vec::new(), false);
+    let (required, optional) = (free_port(), free_port());
+    let toml = format!(
+        r#"
+[[listeners]]
+name = "mtls-required"
+address = "{required}"
+routes = ["api"]
+[listeners.tls]
+self_signed = true
+client_auth = {{ ca = "{ca}" }}
+
+[[listeners]]
+name = "mtls-optional"
+address = "{optional}"
+routes = ["api"]
+[listeners.tls]
+self_signed = true
+client_auth = {{ ca = "{ca}", mode = "optional" }}
+"#,
+        ca = files.0.join("clients-ca.crt").display(),
+    );
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start_with(
+        "mtls",
+        &upstream,
+        Extra {
+            toml,
+            listeners: vec![required, optional],
+            ..Extra::default()
+        },
+    )
+    .await;
+
+    // Required: a certificate from the CA is served, and names the client in the access log.
+    let text = tls_get(required, Some(&client), "/api/mtls")
+        .await
+        .unwrap_or_else(|e| panic!("a trusted client certificate was refused: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let line = gateway.access_line(&raw_request_id(&text)).await;
+    assert_eq!(line["client_cert"], "billing-service", "{line}");
+    assert_eq!(line["listener"], "mtls-required", "{line}");
+    let hits = upstream.hits();
+    for (who, leaf) in [
+        ("no certificate", None),
+        ("a rogue certificate", Some(&rogue)),
+    ] {
+        let refused = tls_get(required, leaf, "/api/mtls").await;
+        assert!(refused.is_err(), "{who} was served: {refused:?}");
+    }
+    assert_eq!(
+        upstream.hits(),
+        hits,
+        "refused clients never reach the upstream"
+    );
+
+    // Optional: no certificate is fine (no identity), a trusted one names the client, a rogue
+    // one still fails the handshake.
+    let text = tls_get(optional, None, "/api/mtls")
+        .await
+        .unwrap_or_else(|e| panic!("a client without a certificate was refused: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let line = gateway.access_line(&raw_request_id(&text)).await;
+    assert!(line.get("client_cert").is_none(), "{line}");
+    let text = tls_get(optional, Some(&client), "/api/mtls")
+        .await
+        .unwrap_or_else(|e| panic!("a trusted client certificate was refused: {e}"));
+    let line = gateway.access_line(&raw_request_id(&text)).await;
+    assert_eq!(line["client_cert"], "billing-service", "{line}");
+    let refused = tls_get(optional, Some(&rogue), "/api/mtls").await;
+    assert!(
+        refused.is_err(),
+        "a rogue certificate was served: {refused:?}"
+    );
+
+    // The plain TLS listener asks for no certificate at all.
+    let text = tls_get(gateway.https, None, "/api/mtls")
+        .await
+        .unwrap_or_else(|e| panic!("the public listener refused a client: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// A TLS acceptor for a test upstream serving `leaf`, offering `h2` and `http/1.1`, and
+/// requiring a client certificate from `clients` when given.
+fn upstream_acceptor(leaf: &Leaf, clients: Option<&TestCa>) -> tokio_rustls::TlsAcceptor {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions");
+    let builder = match clients {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(ca.issuer.der().clone())
+                .expect("a CA certificate");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("a client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(vec![leaf.cert.clone()], leaf.key())
+        .expect("a server certificate");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_are_verified_and_can_require_a_client_certificate() {
+    if !gateway_tests::require_root(
+        "tls_upstreams_are_verified_and_can_require_a_client_certificate",
+    ) {
+        return;
+    }
+    let files = TempDir::new("upstream-tls");
+    let ca = TestCa::new("Gateway Test Upstream CA");
+    ca.write(&files.0.join("upstream-ca.crt"));
+    TestCa::new("Some Other CA").write(&files.0.join("other-ca.crt"));
+    let server = ca.issue(
+        "upstream.test",
+        vec![
+            dns("upstream.test"),
+            rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        ],
+        true,
+    );
+    let (client_cert, client_key) = ca.issue("gateway", Vec::new(), false).write(&files.0, "gw");
+    let open = Upstream::start_with(Some(upstream_acceptor(&server, None))).await;
+    let mutual = Upstream::start_with(Some(upstream_acceptor(&server, Some(&ca)))).await;
+    let upstream = Upstream::start().await;
+
+    let ca_file = files.0.join("upstream-ca.crt");
+    let pool = |name: &str, addr: SocketAddr, protocol: &str, tls: String| {
+        format!(
+            "[[upstreams]]\nname = \"{name}\"\nendpoints = [\"{addr}\"]\nprotocol = \"{protocol}\"\ntls = {{ {tls} }}\n\
+             [[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}/\"\nupstream = \"{name}\"\n"
+        )
+    };
+    let trusted = format!(
+        "ca = \"{}\", server_name = \"upstream.test\"",
+        ca_file.display()
+    );
+    let with_cert = format!(
+        "{trusted}, client_cert = \"{}\", client_key = \"{}\"",
+        client_cert.display(),
+        client_key.display()
+    );
+    let toml = [
+        pool("tls-h1", open.addr, "http1", trusted.clone()),
+        pool("tls-h2", open.addr, "h2", trusted.clone()),
+        // No `server_name`: the endpoint's IP is asked for, and the certificate names it.
+        pool(
+            "by-ip",
+            open.addr,
+            "http1",
+            format!("ca = \"{}\"", ca_file.display()),
+        ),
+        pool("mutual", mutual.addr, "http1", with_cert),
+        pool("mutual-no-cert", mutual.addr, "h2", trusted.clone()),
+        pool(
+            "wrong-name",
+            open.addr,
+            "http1",
+            format!(
+                "ca = \"{}\", server_name = \"other.test\"",
+                ca_file.display()
+            ),
+        ),
+        pool(
+            "untrusted",
+            open.addr,
+            "http1",
+            format!(
+                "ca = \"{}\", server_name = \"upstream.test\"",
+                files.0.join("other-ca.crt").display()
+            ),
+        ),
+    ]
+    .concat();
+    let gateway = Gateway::start_with(
+        "upstream-tls",
+        &upstream,
+        Extra {
+            toml,
+            public_routes: vec![
+                "tls-h1",
+                "tls-h2",
+                "by-ip",
+                "mutual",
+                "mutual-no-cert",
+                "wrong-name",
+                "untrusted",
+            ],
+            ..Extra::default()
+        },
+    )
+    .await;
+
+    for (path, version) in [
+        ("/tls-h1/x", Version::HTTP_11),
+        ("/tls-h2/x", Version::HTTP_2),
+        ("/by-ip/x", Version::HTTP_11),
+    ] {
+        let text = tls_get(gateway.https, None, path)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+        let seen = open.last();
+        assert_eq!(seen.path, path);
+        assert_eq!(seen.version, version, "{path}");
+    }
+    let text = tls_get(gateway.https, None, "/mutual/x")
+        .await
+        .unwrap_or_else(|e| panic!("/mutual/x: {e}"));
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the gateway's client certificate is accepted: {text}"
+    );
+    assert_eq!(mutual.last().path, "/mutual/x");
+
+    // Without the client certificate, with a name the certificate lacks, or trusting another
+    // CA: the upstream is never reached, and the client gets a bare 502.
+    let (open_hits, mutual_hits) = (open.hits(), mutual.hits());
+    for path in ["/mutual-no-cert/x", "/wrong-name/x", "/untrusted/x"] {
+        let text = tls_get(gateway.https, None, path)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_problem(
+            text.split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            &text,
+            502,
+        );
+    }
+    assert_eq!((open.hits(), mutual.hits()), (open_hits, mutual_hits));
+}
+
+/// A WebSocket server that answers each text message with `echo: <text>` and each binary
+/// message with itself, and records the path and headers of each handshake.
+async fn websocket_upstream() -> (SocketAddr, Arc<Mutex<Vec<(String, HeaderMap)>>>) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::{Message, handshake::server};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the WebSocket upstream");
+    let addr = listener.local_addr().expect("its address");
+    let handshakes = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&handshakes);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                #[expect(
+                    clippy::result_large_err,
+                    reason = "tungstenite's handshake callback type, not ours to shape"
+                )]
+                let callback = |request: &server::Request, response: server::Response| {
+                    record
+                        .lock()
+                        .expect("the handshake record")
+                        .push((request.uri().path().to_owned(), request.headers().clone()));
+                    Ok(response)
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, callback).await
+                else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    let answer = match message {
+                        Message::Text(text) => Message::text(format!("echo: {text}")),
+                        Message::Binary(data) => Message::Binary(data),
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if socket.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, handshakes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_tunnelled_to_the_upstream() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+
+    if !gateway_tests::require_root("websocket_upgrades_are_tunnelled_to_the_upstream") {
+        return;
+    }
+    let (ws_addr, handshakes) = websocket_upstream().await;
+    let upstream = Upstream::start().await;
+    let toml = format!(
+        "[[upstreams]]\nname = \"ws\"\nendpoints = [\"{ws_addr}\"]\n\
+         [[routes]]\nname = \"ws\"\npath_prefix = \"/ws/\"\nupstream = \"ws\"\n"
+    );
+    let gateway = Gateway::start_with(
+        "websocket",
+        &upstream,
+        Extra {
+            toml,
+            public_routes: vec!["ws"],
+            ..Extra::default()
+        },
+    )
+    .await;
+
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"http/1.1").await;
+    let (mut socket, response) = tokio_tungstenite::client_async("wss://api.test/ws/chat", stream)
+        .await
+        .unwrap_or_else(|e| panic!("the WebSocket handshake through the gateway failed: {e}"));
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .expect("an ASCII request id")
+        .to_owned();
+    let started = Instant::now();
+    for i in 0..3 {
+        socket
+            .send(Message::text(format!("hello {i}")))
+            .await
+            .expect("sending a text message");
+        let answer = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("an echo within 5 s")
+            .expect("the socket is open")
+            .expect("a valid message");
+        assert_eq!(answer, Message::text(format!("echo: hello {i}")));
+    }
+    // Large enough to span many TLS records and TCP segments on the way.
+    let big: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    socket
+        .send(Message::binary(big.clone()))
+        .await
+        .expect("sending a binary message");
+    let answer = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .expect("an echo within 5 s")
+        .expect("the socket is open")
+        .expect("a valid message");
+    assert_eq!(answer.into_data().as_ref(), big.as_slice());
+    eprintln!(
+        "WebSocket: 4 echoes through the gateway in {:?}",
+        started.elapsed()
+    );
+    socket.close(None).await.expect("closing the WebSocket");
+
+    let (path, headers) = handshakes
+        .lock()
+        .expect("the handshake record")
+        .last()
+        .cloned()
+        .expect("the upstream saw a handshake");
+    assert_eq!(path, "/ws/chat");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{headers:?}");
+    assert_eq!(headers["x-request-id"], request_id.as_str());
+    let line = gateway.access_line(&request_id).await;
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["route"], "ws", "{line}");
+
+    // Any other upgrade, notably h2c (request smuggling past the proxy), is not forwarded.
+    let (status, text) = raw(
+        gateway.plain,
+        "GET /api/x HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = upstream.last().headers;
+    for header in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            !seen.contains_key(header),
+            "`{header}` was forwarded: {seen:?}"
+        );
+    }
+}
+
+/// A gRPC-style h2c upstream: answers at once with `application/grpc` headers, echoes each
+/// request DATA frame as it arrives (so a client sees its first message answered before it
+/// sends the second), then ends with trailers: `grpc-status: 0`, the request's `x-client-note`
+/// trailer as `x-echo-note`, and whether it was asked with `te: trailers`.
+async fn grpc_upstream() -> SocketAddr {
+    use http_body_util::channel::Channel;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the gRPC upstream");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let (parts, mut body) = request.into_parts();
+                    let (mut sender, answer) = Channel::<Bytes>::new(4);
+                    tokio::spawn(async move {
+                        let mut note = None;
+                        while let Some(Ok(frame)) = body.frame().await {
+                            match frame.into_data() {
+                                Ok(data) => {
+                                    if sender.send_data(data).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(frame) => {
+                                    if let Ok(trailers) = frame.into_trailers() {
+                                        note = trailers.get("x-client-note").cloned();
+                                    }
+                                }
+                            }
+                        }
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        if let Some(note) = note {
+                            trailers.insert("x-echo-note", note);
+                        }
+                        let te = parts
+                            .headers
+                            .get("te")
+                            .cloned()
+                            .unwrap_or(http::HeaderValue::from_static("none"));
+                        trailers.insert("x-saw-te", te);
+                        let _ = sender.send_trailers(trailers).await;
+                    });
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(answer)
+                            .expect("a valid response"),
+                    )
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_both_ways_with_trailers_over_h2() {
+    use http_body_util::channel::Channel;
+
+    if !gateway_tests::require_root("grpc_streams_both_ways_with_trailers_over_h2") {
+        return;
+    }
+    let grpc = grpc_upstream().await;
+    let upstream = Upstream::start().await;
+    let toml = format!(
+        "[[upstreams]]\nname = \"grpc\"\nendpoints = [\"{grpc}\"]\nprotocol = \"h2c\"\n\
+         [[routes]]\nname = \"grpc\"\npath_prefix = \"/echo.Echo/\"\nupstream = \"grpc\"\n"
+    );
+    let gateway = Gateway::start_with(
+        "grpc",
+        &upstream,
+        Extra {
+            toml,
+            public_routes: vec!["grpc"],
+            ..Extra::default()
+        },
+    )
+    .await;
+
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+    let (mut client, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let (mut sender, body) = Channel::<Bytes>::new(1);
+    let request = Request::post("https://api.test/echo.Echo/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("a valid request");
+    let started = Instant::now();
+    let sending = tokio::spawn(async move { client.send_request(request).await });
+    sender
+        .send_data(Bytes::from_static(b"message 0"))
+        .await
+        .expect("sending the first message");
+    let response = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("response headers within 5 s, before the request body ended")
+        .expect("the request task")
+        .expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let mut answer = response.into_body();
+    let mut next_frame = async || {
+        tokio::time::timeout(Duration::from_secs(5), answer.frame())
+            .await
+            .expect("a frame within 5 s")
+            .expect("the response continues")
+            .expect("a valid frame")
+    };
+    // Each message is echoed before the next is sent: nothing waits for the whole body.
+    for i in 0..4 {
+        if i > 0 {
+            sender
+                .send_data(Bytes::from(format!("message {i}")))
+                .await
+                .expect("sending a message");
+        }
+        let frame = next_frame().await;
+        let data = frame
+            .into_data()
+            .expect("a DATA frame, not yet the trailers");
+        assert_eq!(data, format!("message {i}"), "message {i} echoed");
+    }
+    let mut client_trailers = HeaderMap::new();
+    client_trailers.insert("x-client-note", http::HeaderValue::from_static("bye"));
+    sender
+        .send_trailers(client_trailers)
+        .await
+        .expect("sending the request trailers");
+    drop(sender);
+    let trailers = next_frame()
+        .await
+        .into_trailers()
+        .unwrap_or_else(|frame| panic!("trailers expected, got {frame:?}"));
+    eprintln!(
+        "gRPC-style stream: 4 echoes and trailers in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        trailers["x-echo-note"], "bye",
+        "the request trailers reached the upstream"
+    );
+    assert_eq!(
+        trailers["x-saw-te"], "trailers",
+        "`te: trailers` is forwarded"
+    );
+    assert!(
+        answer.frame().await.is_none(),
+        "the trailers end the response"
+    );
+}
+
+/// HTTP/2 frame types and flags the rapid-reset test writes and reads by hand: the point is
+/// to send what no well-behaved client library would.
+mod h2_frames {
+    pub(super) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub(super) const HEADERS: u8 = 0x1;
+    pub(super) const RST_STREAM: u8 = 0x3;
+    pub(super) const SETTINGS: u8 = 0x4;
+    pub(super) const GOAWAY: u8 = 0x7;
+    pub(super) const WINDOW_UPDATE: u8 = 0x8;
+    pub(super) const END_HEADERS: u8 = 0x4;
+    pub(super) const END_STREAM_AND_HEADERS: u8 = 0x1 | END_HEADERS;
+    pub(super) const CANCEL: u32 = 0x8;
+    pub(super) const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("a small payload");
+        let mut frame = len.to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    /// `GET https://api.test/api/x` in HPACK: static-table entries and literals without
+    /// indexing, so every stream's block is the same bytes.
+    pub(super) fn get_headers() -> Vec<u8> {
+        let mut block = vec![0x82, 0x87];
+        block.extend([0x04, 6]);
+        block.extend(b"/api/x");
+        block.extend([0x01, 8]);
+        block.extend(b"api.test");
+        block
+    }
+}
+
+/// Floods one HTTP/2 connection to the gateway with `pair(stream_id)` for up to `burst`
+/// streams, in batches, until the gateway closes it. Returns how many streams went out and the
+/// GOAWAY's error code, if one came.
+async fn h2_flood(
+    addr: SocketAddr,
+    burst: u32,
+    pair: impl Fn(u32) -> Vec<u8>,
+) -> (u32, Option<u32>) {
+    use h2_frames::*;
+
+    const BATCH: u32 = 50;
+    let (stream, _) = tls_connect(addr, "api.test", b"h2").await;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    // Reads frames until the gateway closes the connection; reports the GOAWAY error code.
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed_seen = Arc::clone(&closed);
+    let watcher = tokio::spawn(async move {
+        let mut goaway = None;
+        let mut head = [0u8; 9];
+        loop {
+            if reader.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if reader.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            if head[3] == GOAWAY && payload.len() >= 8 {
+                goaway = Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+                closed_seen.store(true, Ordering::SeqCst);
+            }
+        }
+        closed_seen.store(true, Ordering::SeqCst);
+        goaway
+    });
+    let mut opening = PREFACE.to_vec();
+    opening.extend(frame(SETTINGS, 0, 0, &[]));
+    writer
+        .write_all(&opening)
+        .await
+        .expect("sending the preface");
+    let mut sent = 0;
+    while sent < burst && !closed.load(Ordering::SeqCst) {
+        let batch: Vec<u8> = (sent..sent + BATCH).flat_map(|i| pair(2 * i + 1)).collect();
+        if writer.write_all(&batch).await.is_err() {
+            break;
+        }
+        sent += BATCH;
+        // Gives the gateway's answer a chance to arrive between batches, as it would between
+        // an attacker's packets.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let goaway = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("the gateway closed the abusive connection within 10 s")
+        .expect("the frame reader");
+    (sent, goaway)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_reset_floods_lose_their_connection_not_the_daemon() {
+    use h2_frames::*;
+
+    if !gateway_tests::require_root("http2_reset_floods_lose_their_connection_not_the_daemon") {
+        return;
+    }
+    /// Streams opened and cancelled at most, per flood.
+    const BURST: u32 = 10_000;
+    let upstream = Upstream::start().await;
+    let mut gateway = Gateway::start("rapid-reset", &upstream).await;
+    let headers = get_headers();
+
+    // Rapid Reset (CVE-2023-44487): the client opens a stream and cancels it at once.
+    let started = Instant::now();
+    let (sent, goaway) = h2_flood(gateway.https, BURST, |stream| {
+        let mut pair = frame(HEADERS, END_STREAM_AND_HEADERS, stream, &headers);
+        pair.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+        pair
+    })
+    .await;
+    eprintln!(
+        "rapid reset: {sent} of {BURST} streams sent before the gateway closed the connection \
+         ({goaway:?}) after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sent < BURST,
+        "the whole burst of {BURST} cancelled streams went through on one connection"
+    );
+    assert_eq!(
+        goaway,
+        Some(ENHANCE_YOUR_CALM),
+        "GOAWAY with ENHANCE_YOUR_CALM, then the close"
+    );
+
+    // MadeYouReset (CVE-2025-8671): the client makes the server reset each stream, here with
+    // a flow-control update that overflows the stream's window, a stream error. The streams
+    // go to an unrouted path, so the flood costs the upstream nothing.
+    let started = Instant::now();
+    let mut unrouted = vec![0x83, 0x87, 0x04, 9];
+    unrouted.extend(b"/nowhere/");
+    unrouted.extend([0x01, 8]);
+    unrouted.extend(b"api.test");
+    let (sent, goaway) = h2_flood(gateway.https, BURST, |stream| {
+        let mut pair = frame(HEADERS, END_HEADERS, stream, &unrouted);
+        pair.extend(frame(
+            WINDOW_UPDATE,
+            0,
+            stream,
+            &0x7fff_ffffu32.to_be_bytes(),
+        ));
+        pair
+    })
+    .await;
+    eprintln!(
+        "made-you-reset: {sent} of {BURST} streams sent before the gateway closed the \
+         connection ({goaway:?}) after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sent < BURST,
+        "the whole burst of {BURST} server-reset streams went through on one connection"
+    );
+    assert_eq!(
+        goaway,
+        Some(ENHANCE_YOUR_CALM),
+        "GOAWAY with ENHANCE_YOUR_CALM, then the close"
+    );
+
+    // The daemon is unharmed: it still runs and serves a new HTTP/2 connection.
+    let child = gateway.process.as_mut().expect("the daemon");
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "the daemon exited after the floods"
+    );
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+    let answer = send(stream, true, get("https://api.test/api/after", "api.test")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+/// The rapid-reset protection above lives in the `h2` crate: keep it at a version with both
+/// mitigations, CVE-2023-44487 ("Rapid Reset", 0.3.22/0.4.0 on) and CVE-2025-8671
+/// ("MadeYouReset", 0.4.11 on), whatever a future `cargo update` resolves.
+#[test]
+fn the_h2_crate_carries_the_reset_flood_fixes() {
+    let lock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    let text =
+        fs::read_to_string(&lock).unwrap_or_else(|e| panic!("reading `{}`: {e}", lock.display()));
+    let versions: Vec<(u64, u64, u64)> = text
+        .split("[[package]]")
+        .filter(|package| package.contains("\nname = \"h2\"\n"))
+        .filter_map(|package| {
+            let version = package.split("\nversion = \"").nth(1)?.split('"').next()?;
+            let mut parts = version.split('.').map(|part| part.parse::<u64>().ok());
+            Some((parts.next()??, parts.next()??, parts.next()??))
+        })
+        .collect();
+    assert!(!versions.is_empty(), "no `h2` package in Cargo.lock");
+    for version in versions {
+        assert!(
+            version >= (0, 4, 11),
+            "h2 {version:?} lacks the MadeYouReset fix (CVE-2025-8671); update it to 0.4.11 or later"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    auth::apikeys::KeyView,
     lists::{AddReport, EntrySpec, EntryView, RemoveReport},
     xdp::{ListKind, MapFill},
 };
@@ -28,17 +29,76 @@ pub enum Request {
     },
     Stats,
     Status,
+    /// Re-read the config file and apply it, or keep the running one and say why not.
+    Reload,
+    /// Why an address is banned: its blocklist entries, an L7 denial, recent verdicts.
+    BansExplain {
+        address: String,
+    },
+    /// Lifts every ban holding an address (blocklist entries not from the config file, and L7
+    /// denials).
+    BansLift {
+        address: String,
+    },
+    /// Create an API key; only this response ever carries its secret.
+    KeysCreate {
+        owner: String,
+        #[serde(default)]
+        scopes: Vec<String>,
+        /// Time to live in milliseconds; absent = until revoked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    KeysList,
+    KeysRevoke {
+        key_id: String,
+    },
 }
 
+/// `KeyCreated.secret` is the whole API key (`gw_<id>_<secret>`): no other response carries it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Added(AddReport),
     Removed(RemoveReport),
-    Entries { entries: Vec<EntryView> },
+    Entries {
+        entries: Vec<EntryView>,
+    },
     Stats(StatsView),
     Status(StatusView),
-    Error { message: String },
+    Reloaded {
+        message: String,
+    },
+    Explained(BanExplanation),
+    Lifted {
+        removed: Vec<String>,
+        l7_denials: usize,
+    },
+    KeyCreated {
+        key: KeyView,
+        secret: String,
+    },
+    Keys {
+        keys: Vec<KeyView>,
+    },
+    KeyRevoked {
+        key: KeyView,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Everything known about why an address is banned.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BanExplanation {
+    pub address: String,
+    /// Blocklist entries that hold the address, with origin, reason, expiry and hits.
+    pub entries: Vec<EntryView>,
+    /// Denied at L7 (it reached the gateway through a trusted proxy).
+    pub denied_at_l7: bool,
+    /// The most recent audit-log records about prefixes holding the address, oldest first.
+    pub verdicts: Vec<serde_json::Value>,
 }
 
 /// Kernel counters for one verdict reason.
@@ -104,6 +164,32 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"stats"}"#).unwrap(),
             Request::Stats
+        );
+    }
+
+    #[test]
+    fn key_requests_have_a_stable_wire_form() {
+        let request = Request::KeysCreate {
+            owner: "svc-billing".into(),
+            scopes: vec!["orders:read".into()],
+            ttl_ms: Some(86_400_000),
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"keys_create","owner":"svc-billing","scopes":["orders:read"],"ttl_ms":86400000}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"keys_list"}"#).unwrap(),
+            Request::KeysList
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"keys_revoke","key_id":"0123456789abcdef"}"#)
+                .unwrap(),
+            Request::KeysRevoke {
+                key_id: "0123456789abcdef".into()
+            }
         );
     }
 

@@ -45,6 +45,17 @@ pub enum Command {
     /// Interfaces, attach mode, program id and map fill levels.
     #[command(after_help = "Examples:\n  gateway status\n  gateway status --json")]
     Status(JsonArg),
+    /// Re-read the daemon's config file and apply it, all or nothing (as SIGHUP does). A config
+    /// that does not validate, or changes what applies only at start, is refused and the
+    /// running one keeps serving.
+    #[command(after_help = "Example:\n  gateway reload")]
+    Reload,
+    /// Manage API keys (stored as hashes; a key's secret is printed once, at creation).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Bans, manual and automatic: list them, see why an address is banned, lift them.
+    #[command(subcommand)]
+    Bans(BansCommand),
     /// Validate a config file without starting anything.
     #[command(after_help = "Example:\n  gateway check-config /etc/gateway/gateway.toml")]
     CheckConfig {
@@ -141,6 +152,63 @@ pub enum ListCommand {
     Export { file: PathBuf },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once: it cannot be shown again, only revoked.
+    #[command(
+        after_help = "Examples:\n  gateway keys create --owner svc-billing --scopes orders:read --ttl 30d\n  gateway keys create --owner ci --scopes deploy:write,deploy:read"
+    )]
+    Create {
+        /// Who the key is for; requests with it act as this principal.
+        #[arg(long, value_name = "NAME")]
+        owner: String,
+        /// What the key grants, comma-separated or repeated (e.g. orders:read).
+        #[arg(long, value_name = "SCOPE", value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// How long the key is valid (e.g. 12h, 30d); until revoked if omitted.
+        #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
+        ttl: Option<Duration>,
+    },
+    /// List keys with owner, scopes, expiry and status (never a secret).
+    #[command(
+        alias = "ls",
+        after_help = "Examples:\n  gateway keys list\n  gateway keys list --json"
+    )]
+    List(JsonArg),
+    /// Revoke a key at once and for good.
+    #[command(after_help = "Example:\n  gateway keys revoke 3f9c2a7d1e0b4c55")]
+    Revoke {
+        /// The key id, as `gateway keys list` shows it (the part after `gw_`).
+        #[arg(value_name = "KEY_ID")]
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BansCommand {
+    /// Every ban with its origin (`auto` from abuse rules, `manual`, `import`, `config`),
+    /// expiry, hits and reason.
+    #[command(
+        alias = "ls",
+        after_help = "Examples:\n  gateway bans list\n  gateway bans list --json"
+    )]
+    List(JsonArg),
+    /// Why an address is banned: the entries holding it, until when, the rule and evidence.
+    #[command(after_help = "Example:\n  gateway bans explain 203.0.113.7")]
+    Explain {
+        /// An IPv4 or IPv6 address.
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift every ban holding an address (except entries of the config file).
+    #[command(after_help = "Example:\n  gateway bans lift 203.0.113.7")]
+    Lift {
+        /// An IPv4 or IPv6 address.
+        address: String,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct EntryArgs {
     /// How long the entries last (e.g. 90s, 10m, 1h, 30d); permanent if omitted.
@@ -215,6 +283,28 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{ttl}");
         }
+    }
+
+    #[test]
+    fn keys_create_takes_comma_separated_scopes() {
+        let cli = Cli::try_parse_from([
+            "gateway",
+            "keys",
+            "create",
+            "--owner",
+            "svc-billing",
+            "--scopes",
+            "orders:read,orders:write",
+            "--ttl",
+            "30d",
+        ])
+        .unwrap();
+        let Command::Keys(KeysCommand::Create { owner, scopes, ttl }) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(owner, "svc-billing");
+        assert_eq!(scopes, ["orders:read", "orders:write"]);
+        assert_eq!(ttl, Some(Duration::from_secs(30 * 86_400)));
     }
 
     #[test]

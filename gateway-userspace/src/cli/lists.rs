@@ -265,7 +265,7 @@ fn unix_ms(time: SystemTime) -> u64 {
 }
 
 /// "expires in 59m 12s" or "permanent".
-fn expiry(entry: &EntryView, now: SystemTime) -> String {
+pub(super) fn expiry(entry: &EntryView, now: SystemTime) -> String {
     match entry.expires_unix_ms {
         None => "permanent".to_owned(),
         Some(at) => {
@@ -287,7 +287,7 @@ fn describe(entry: &EntryView, now: SystemTime) -> String {
     text
 }
 
-fn render_table(entries: &[EntryView], now: SystemTime) -> String {
+pub(super) fn render_table(entries: &[EntryView], now: SystemTime) -> String {
     let mut out = format!(
         "{:<43} {:<9} {:<22} {:>12}  REASON\n",
         "CIDR", "ORIGIN", "EXPIRES", "HITS"

@@ -1,7 +1,9 @@
 //! The `gateway` command line: `run` starts the daemon; every other subcommand is a client of
 //! its admin socket. `main` parses once, runs, and prints an error once, as a sentence.
 mod args;
+mod bans;
 mod demo_upstream;
+mod keys;
 mod lists;
 mod stats;
 mod status;
@@ -13,7 +15,10 @@ use clap::Parser as _;
 pub use self::args::Cli;
 use self::args::{Command, DemoUpstreamArgs, RunArgs};
 use crate::{
-    admin::client::{AdminClient, ClientError},
+    admin::{
+        client::{AdminClient, ClientError},
+        protocol::{Request, Response},
+    },
     config::{Config, default_admin_socket},
     daemon::{self, RunOptions},
     xdp::ListKind,
@@ -94,6 +99,15 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
         Command::Allow(command) => lists::run(|| connect(&socket), ListKind::Allow, command),
         Command::Stats(args) => stats::run(&mut connect(&socket)?, &args),
         Command::Status(args) => status::run(&mut connect(&socket)?, args.json),
+        Command::Reload => match connect(&socket)?.call(&Request::Reload)? {
+            Response::Reloaded { message } => {
+                println!("{message}");
+                Ok(Exit::Success)
+            }
+            _ => Err(anyhow::anyhow!("the daemon answered with an unexpected response").into()),
+        },
+        Command::Keys(command) => keys::run(|| connect(&socket), command),
+        Command::Bans(command) => bans::run(|| connect(&socket), command),
         Command::DemoUpstream(args) => {
             init_logging(false);
             demo_upstream::run(&args)?;
@@ -116,6 +130,7 @@ fn run_daemon(args: RunArgs) -> Result<Exit, Failure> {
     runtime.block_on(daemon::run(
         config,
         RunOptions {
+            config_path: args.config.clone(),
             mode: args.xdp_mode.map(Into::into),
             replace_stale_pins: args.replace_stale_pins,
         },

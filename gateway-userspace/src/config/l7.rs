@@ -64,6 +64,32 @@ pub struct TlsConfig {
     /// Default 5 s.
     #[serde(default = "default_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// Client certificates (mTLS): checked against a CA bundle, `required` or `optional`.
+    /// Default: none asked for.
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Client-certificate verification on an HTTPS listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM file of the CA certificates that client certificates must chain to. Read at start.
+    pub ca: PathBuf,
+    /// Default `required`.
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+}
+
+/// Whether a client must present a certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// A handshake without a valid client certificate fails.
+    #[default]
+    Required,
+    /// Clients without a certificate are served, without a certificate identity; one that
+    /// presents a certificate the CA did not issue still fails the handshake.
+    Optional,
 }
 
 fn default_self_signed_names() -> Vec<String> {
@@ -116,6 +142,24 @@ pub struct RouteConfig {
     /// Default `false`.
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Authorization rules (scopes, roles, claims, Cedar); none: the authorize phase is skipped.
+    /// Credentials this route accepts, tried in order (`["jwt", "api_key"]`); `[]` makes it
+    /// anonymous. Unset: `auth.default_route_auth`.
+    #[serde(default)]
+    pub auth: Option<Vec<crate::auth::Method>>,
+    #[serde(default)]
+    pub authz: Option<super::authz::RouteAuthzConfig>,
+    /// Request validation (methods, content types, JSON Schema, OpenAPI); none: skipped.
+    #[serde(default)]
+    pub validate: Option<super::validate::RouteValidateConfig>,
+    /// Rate limits and quotas, each counted by its own key (`[[routes.rate_limits]]`); a
+    /// request over any of them gets 429. Default: none.
+    #[serde(default)]
+    pub rate_limits: Vec<super::ratelimit::RouteRateLimitConfig>,
+    /// Cross-origin access for browsers; preflights are answered by the gateway. Default: none
+    /// (browsers then refuse cross-origin calls that need CORS).
+    #[serde(default)]
+    pub cors: Option<super::cors::CorsConfig>,
 }
 
 fn default_route_timeout() -> Duration {
@@ -134,6 +178,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge over plain TCP.
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `tls`.
+    H2,
 }
 
 /// How a request picks one endpoint of a pool.
@@ -165,6 +211,38 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept for reuse. Default 90 s.
     #[serde(default = "default_upstream_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// TLS to the endpoints (re-encryption). Default: plain TCP.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// How the gateway speaks TLS to an upstream's endpoints: whom it trusts, what it presents,
+/// which name it asks for.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CA certificates the endpoints' certificates must chain to. Default: the
+    /// system bundle, [`SYSTEM_CA_BUNDLE`].
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain presented to endpoints that ask for one (mTLS to backends); needs
+    /// `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// The PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Sent as SNI and checked against the endpoints' certificates, e.g. `api.internal`.
+    /// Default: the endpoint's IP address (its certificate must then name that address).
+    pub server_name: Option<String>,
+}
+
+/// Where Debian and its derivatives keep the system's trusted CA certificates.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl UpstreamTlsConfig {
+    /// The CA bundle in force: the configured one or the system's.
+    pub fn ca_path(&self) -> &std::path::Path {
+        self.ca
+            .as_deref()
+            .unwrap_or(std::path::Path::new(SYSTEM_CA_BUNDLE))
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -179,7 +257,9 @@ fn default_upstream_idle() -> Duration {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Total bytes of request header names and values; then 431. Default 64 KiB.
+    /// Total bytes of request header names and values; then 431. Default 64 KiB. HTTP/2
+    /// clients are told twice this as their header list limit, past which hyper refuses the
+    /// stream before the pipeline sees it.
     pub max_header_bytes: usize,
     /// Number of request headers; then 431. Default 100.
     pub max_headers: usize,
@@ -197,7 +277,8 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Open client connections per source address; more are closed at accept. Default 256.
     pub max_connections_per_source: usize,
-    /// HTTP/2 streams a client may have open at once. Default 100.
+    /// HTTP/2 streams a client may have open at once. Default 100. (Reset floods are refused
+    /// whatever this is: see `proxy::server`.)
     pub h2_max_concurrent_streams: u32,
     /// Response headers removed before answering. Default `Server`, `X-Powered-By`.
     pub strip_response_headers: Vec<String>,
@@ -345,6 +426,74 @@ fn check_certificate(key: &str, certificate: &CertificateConfig) -> Result<(), C
     Ok(())
 }
 
+/// A PEM CA bundle that gives at least one trust anchor.
+fn check_ca(key: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    crate::tls::load_ca_roots(path).map(drop).map_err(|error| {
+        invalid(
+            key,
+            format!(
+                "{}; give a PEM file of CA certificates",
+                crate::lists::error_chain(&error)
+            ),
+        )
+    })
+}
+
+fn check_upstream_tls(key: &str, upstream: &UpstreamConfig) -> Result<(), ConfigError> {
+    let Some(tls) = &upstream.tls else {
+        if upstream.protocol == UpstreamProtocol::H2 {
+            return Err(invalid(
+                &format!("{key}.protocol"),
+                "`h2` is HTTP/2 over TLS: add a `tls` table, or use `h2c` for plaintext HTTP/2",
+            ));
+        }
+        return Ok(());
+    };
+    let key = format!("{key}.tls");
+    if upstream.protocol == UpstreamProtocol::H2c {
+        return Err(invalid(
+            &key,
+            "`h2c` is plaintext HTTP/2: set `protocol = \"h2\"` for HTTP/2 over TLS",
+        ));
+    }
+    if tls.ca.is_none() && !std::path::Path::new(SYSTEM_CA_BUNDLE).is_file() {
+        return Err(invalid(
+            &format!("{key}.ca"),
+            format!("there is no system CA bundle at `{SYSTEM_CA_BUNDLE}`; give `ca`"),
+        ));
+    }
+    check_ca(&format!("{key}.ca"), tls.ca_path())?;
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key_file)) => {
+            crate::tls::load_certified_key(cert, key_file).map_err(|error| {
+                invalid(
+                    &format!("{key}.client_cert"),
+                    format!(
+                        "{}; give PEM files of a certificate and its key",
+                        crate::lists::error_chain(&error)
+                    ),
+                )
+            })?;
+        }
+        (None, None) => {}
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(invalid(
+                &format!("{key}.client_cert"),
+                "give both `client_cert` and `client_key`, or neither",
+            ));
+        }
+    }
+    if let Some(name) = &tls.server_name
+        && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        return Err(invalid(
+            &format!("{key}.server_name"),
+            format!("`{name}` is not a DNS name or IP address"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks every L7 section and the references between them.
 pub(super) fn validate(
     listeners: &[ListenerConfig],
@@ -369,6 +518,7 @@ pub(super) fn validate(
                 "must be longer than zero",
             ));
         }
+        check_upstream_tls(&key, upstream)?;
     }
 
     let mut names = HashSet::new();
@@ -429,6 +579,16 @@ pub(super) fn validate(
                 &format!("{key}.timeout"),
                 "must be longer than zero",
             ));
+        }
+        if let Some(authz) = &route.authz {
+            authz.validate(&format!("{key}.authz"))?;
+        }
+        if let Some(validate) = &route.validate {
+            validate.validate(&format!("{key}.validate"), route)?;
+        }
+        super::ratelimit::validate(&key, &route.rate_limits)?;
+        if let Some(cors) = &route.cors {
+            super::cors::validate(&format!("{key}.cors"), cors)?;
         }
     }
 
@@ -515,6 +675,9 @@ pub(super) fn validate(
                     &format!("{key}.reload_interval"),
                     "must be at least 1s",
                 ));
+            }
+            if let Some(client_auth) = &tls.client_auth {
+                check_ca(&format!("{key}.client_auth.ca"), &client_auth.ca)?;
             }
         }
     }
@@ -712,6 +875,107 @@ mod tests {
             matches!(&err, ConfigError::Invalid { key, .. } if key == "listeners[1].redirect_port"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn client_auth_needs_a_usable_ca_bundle() {
+        let dir = std::env::temp_dir().join(format!("gateway-config-mtls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("a CA");
+        std::fs::write(dir.join("ca.crt"), ca.cert.pem()).expect("writing");
+        std::fs::write(dir.join("not-a-ca.txt"), "hello").expect("writing");
+        let with = |client_auth: &str| {
+            BASE.replace(
+                "self_signed = true",
+                &format!("self_signed = true\nclient_auth = {client_auth}"),
+            )
+        };
+        let required = format!("{{ ca = \"{}/ca.crt\" }}", dir.display());
+        let config = parse(&with(&required)).expect("a CA bundle");
+        let tls = config.listeners[0].tls.as_ref().expect("TLS");
+        let client_auth = tls.client_auth.as_ref().expect("client_auth");
+        assert_eq!(client_auth.mode, ClientAuthMode::Required, "the default");
+        let optional = format!(
+            "{{ ca = \"{}/ca.crt\", mode = \"optional\" }}",
+            dir.display()
+        );
+        let config = parse(&with(&optional)).expect("optional mode");
+        let tls = config.listeners[0].tls.as_ref().expect("TLS");
+        assert_eq!(
+            tls.client_auth.as_ref().map(|c| c.mode),
+            Some(ClientAuthMode::Optional)
+        );
+        for bad in [
+            "/nonexistent/ca.crt".to_owned(),
+            format!("{}/not-a-ca.txt", dir.display()),
+        ] {
+            match parse(&with(&format!("{{ ca = \"{bad}\" }}"))) {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, "listeners[0].tls.client_auth.ca", "{message}");
+                    assert!(message.contains("CA certificates"), "{message}");
+                }
+                other => panic!("`{bad}` was accepted as a CA bundle: {other:?}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).expect("removing the temp dir");
+    }
+
+    #[test]
+    fn upstream_tls_is_checked_against_the_protocol_and_its_files() {
+        let dir = std::env::temp_dir().join(format!("gateway-config-utls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("a CA");
+        std::fs::write(dir.join("ca.crt"), ca.cert.pem()).expect("writing");
+        std::fs::write(dir.join("ca.key"), ca.signing_key.serialize_pem()).expect("writing");
+        let ca = format!("ca = \"{}/ca.crt\"", dir.display());
+        let with = |protocol: &str, tls: Option<&str>| {
+            let tls = tls.map_or(String::new(), |tls| format!("\ntls = {{ {tls} }}"));
+            BASE.replace(
+                "endpoints = [\"127.0.0.1:8081\", \"[::1]:8082\"]",
+                &format!("endpoints = [\"127.0.0.1:8081\"]\nprotocol = \"{protocol}\"{tls}"),
+            )
+        };
+        let full = format!(
+            "{ca}, client_cert = \"{0}/ca.crt\", client_key = \"{0}/ca.key\", server_name = \"api.internal\"",
+            dir.display()
+        );
+        let config =
+            parse(&with("h2", Some(&full))).expect("h2 over TLS with a client certificate");
+        let tls = config.upstreams[0].tls.as_ref().expect("tls");
+        assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+        assert_eq!(config.upstreams[0].protocol, UpstreamProtocol::H2);
+        parse(&with("http1", Some(&ca))).expect("HTTP/1.1 over TLS");
+        let cases = [
+            (with("h2", None), "upstreams[0].protocol"),
+            (with("h2c", Some(&ca)), "upstreams[0].tls"),
+            (
+                with("http1", Some("ca = \"/nonexistent.crt\"")),
+                "upstreams[0].tls.ca",
+            ),
+            (
+                with(
+                    "http1",
+                    Some(&format!("{ca}, client_cert = \"{}/ca.crt\"", dir.display())),
+                ),
+                "upstreams[0].tls.client_cert",
+            ),
+            (
+                with(
+                    "http1",
+                    Some(&format!("{ca}, server_name = \"not a name\"")),
+                ),
+                "upstreams[0].tls.server_name",
+            ),
+        ];
+        for (text, key) in cases {
+            match parse(&text) {
+                Err(ConfigError::Invalid { key: got, message }) => {
+                    assert_eq!(got, key, "{message}\n{text}");
+                }
+                other => panic!("expected an error for `{key}`, got {other:?}\n{text}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).expect("removing the temp dir");
     }
 
     #[test]

@@ -3,7 +3,15 @@
 //!
 //! The L7 gateway's sections (`[[listeners]]`, `[[routes]]`, `[[upstreams]]`, `[http]`) live in
 //! [`l7`].
+pub mod abuse;
+pub mod auth;
+/// `[authz]` (Cedar schema and policies) and a route's `authz` rules.
+pub mod authz;
+pub mod cors;
 mod l7;
+pub mod ratelimit;
+/// A route's request validation (`validate = { ... }`).
+pub mod validate;
 
 use std::{
     path::{Path, PathBuf},
@@ -15,8 +23,8 @@ use serde::Deserialize;
 use crate::cidr::Cidr;
 
 pub use self::l7::{
-    Balance, CertificateConfig, HttpConfig, ListenerConfig, RouteConfig, TlsConfig, UpstreamConfig,
-    UpstreamProtocol,
+    Balance, CertificateConfig, ClientAuthConfig, ClientAuthMode, HttpConfig, ListenerConfig,
+    RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Where pinned maps live; each instance gets its own folder below it.
@@ -69,6 +77,29 @@ pub struct Config {
     /// Protective limits of the L7 listeners.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Authentication: API keys and trusted JWT issuers.
+    #[serde(default)]
+    pub auth: auth::AuthConfig,
+    /// Authorization: the Cedar schema and policy files routes may ask.
+    #[serde(default)]
+    pub authz: authz::AuthzConfig,
+    /// The admin HTTP listener with `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The abuse verdict loop: rules that turn outcomes into kernel bans.
+    #[serde(default)]
+    pub abuse: abuse::AbuseConfig,
+}
+
+/// The admin HTTP listener. Off unless `listen` is set; keep it on loopback or a management
+/// network, apart from the data-plane listeners.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve on, e.g. `127.0.0.1:9901`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// When set, `/metrics` wants `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
 }
 
 fn default_instance() -> String {
@@ -272,6 +303,9 @@ impl Config {
             ));
         }
         l7::validate(&self.listeners, &self.routes, &self.upstreams, &self.http)?;
+        auth::validate(&self.auth)?;
+        authz::validate(&self.authz, &self.routes)?;
+        abuse::validate(&self.abuse)?;
         Ok(())
     }
 

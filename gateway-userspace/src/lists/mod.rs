@@ -26,6 +26,8 @@ pub enum Origin {
     /// Found in pinned maps without a record in the state file (a crash between a change and
     /// its persistence); kept rather than silently dropped.
     Recovered,
+    /// Banned by an abuse rule.
+    Auto,
 }
 
 impl Origin {
@@ -35,6 +37,7 @@ impl Origin {
             Origin::Manual => "manual",
             Origin::Import => "import",
             Origin::Recovered => "recovered",
+            Origin::Auto => "auto",
         }
     }
 
@@ -371,6 +374,20 @@ impl<D: DataPlane> Lists<D> {
         Ok(out)
     }
 
+    /// The live entries of `list` that hold `addr` (an address can sit in a /32 and a /24 ban).
+    pub fn containing(
+        &self,
+        list: ListKind,
+        addr: std::net::IpAddr,
+        clocks: ClockPair,
+    ) -> Result<Vec<EntryView>, XdpError> {
+        Ok(self
+            .list(list, clocks)?
+            .into_iter()
+            .filter(|entry| entry.cidr.contains(addr))
+            .collect())
+    }
+
     /// Removes expired entries from the maps and from the lists. Returns how many.
     pub fn sweep(&mut self, now_ns: u64) -> Result<usize, XdpError> {
         let expired: Vec<(ListKind, Cidr)> = self
@@ -387,6 +404,16 @@ impl<D: DataPlane> Lists<D> {
             self.dirty = true;
         }
         Ok(expired.len())
+    }
+
+    /// Whether a live allowlist entry shares an address with `cidr`. Asks the kernel maps,
+    /// whose allow tries are small, rather than walking every entry of both lists here.
+    pub fn allowlisted(&self, cidr: &Cidr, now_ns: u64) -> Result<bool, XdpError> {
+        Ok(self
+            .plane
+            .entries(ListKind::Allow)?
+            .iter()
+            .any(|(entry, value)| value.is_live(now_ns) && entry.overlaps(cidr)))
     }
 
     /// Number of entries per list.

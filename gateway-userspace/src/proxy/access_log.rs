@@ -39,6 +39,8 @@ pub(crate) struct AccessRecord {
     pub(crate) listener: Arc<str>,
     pub(crate) tls_version: Option<&'static str>,
     pub(crate) alpn: Option<&'static str>,
+    /// The verified client certificate's name (mTLS listeners).
+    pub(crate) client_cert: Option<String>,
     pub(crate) http_version: &'static str,
     pub(crate) method: String,
     /// Path and query as the client sent them, secrets redacted.
@@ -66,6 +68,7 @@ impl AccessRecord {
             listener = %self.listener,
             tls_version = self.tls_version,
             alpn = self.alpn,
+            client_cert = self.client_cert.as_deref(),
             http_version = self.http_version,
             method = %self.method,
             path = %self.target,

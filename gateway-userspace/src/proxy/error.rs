@@ -39,6 +39,10 @@ pub enum ProxyError {
     ClientBody(#[source] BoxError),
     #[error("no route of this listener matches the request")]
     NoRoute,
+    #[error("the client is denied for abuse (it reaches us through a trusted proxy)")]
+    Denied,
+    #[error("the request is not authenticated")]
+    Unauthenticated(#[source] crate::auth::AuthError),
     #[error("upstream `{upstream}` has no available endpoint")]
     NoEndpoint { upstream: String },
     #[error("connecting to the upstream failed")]
@@ -60,6 +64,12 @@ impl ProxyError {
             | ProxyError::BodyTooLarge
             | ProxyError::ClientBody(_) => ErrorSource::Client,
             ProxyError::NoRoute => ErrorSource::Route,
+            ProxyError::Denied => ErrorSource::Client,
+            // Keys that cannot be fetched are the gateway's trouble, not the client's.
+            ProxyError::Unauthenticated(error) if error.status().is_server_error() => {
+                ErrorSource::Internal
+            }
+            ProxyError::Unauthenticated(_) => ErrorSource::Client,
             ProxyError::NoEndpoint { .. }
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed(_)
@@ -75,6 +85,8 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Denied => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(error) => error.status(),
             ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
@@ -93,6 +105,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "body-too-large",
             ProxyError::ClientBody(_) => "bad-body",
             ProxyError::NoRoute => "no-route",
+            ProxyError::Denied => "denied",
+            ProxyError::Unauthenticated(error) if error.status().is_server_error() => {
+                "auth-unavailable"
+            }
+            ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::NoEndpoint { .. } => "no-endpoint",
             ProxyError::UpstreamConnect(_) => "upstream-unreachable",
             ProxyError::UpstreamFailed(_) => "upstream-failed",
@@ -110,6 +127,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "Request body too large",
             ProxyError::ClientBody(_) => "The request body could not be read",
             ProxyError::NoRoute => "Not found",
+            ProxyError::Denied => "Forbidden",
+            ProxyError::Unauthenticated(error) if error.status().is_server_error() => {
+                "Service unavailable"
+            }
+            ProxyError::Unauthenticated(_) => "Unauthorized",
             ProxyError::NoEndpoint { .. } => "Service unavailable",
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => "Bad gateway",
             ProxyError::UpstreamTimeout(_) => "Gateway timeout",
@@ -187,6 +209,7 @@ mod tests {
     fn every_error_has_its_status_and_source() {
         let cases = [
             (ProxyError::NoRoute, 404, ErrorSource::Route),
+            (ProxyError::Denied, 403, ErrorSource::Client),
             (ProxyError::HeadersTooLarge, 431, ErrorSource::Client),
             (ProxyError::UriTooLong, 414, ErrorSource::Client),
             (ProxyError::BodyTooLarge, 413, ErrorSource::Client),

@@ -35,7 +35,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    // `Upgrade` is hop-by-hop too; WebSocket support (a later slice) will carry it on purpose.
+    // `Upgrade` is hop-by-hop too; the pipeline puts it back for WebSocket tunnels only.
     headers.remove(header::UPGRADE);
 }
 
@@ -96,6 +96,32 @@ pub fn set_forwarding(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
     }
     if let (false, Some(host)) = (keep_host, forwarding.host) {
         set(X_FORWARDED_HOST, host);
+    }
+}
+
+/// The client behind the peer: when the peer is a trusted proxy, the right-most
+/// `X-Forwarded-For` address that is not itself a trusted proxy (each proxy appends the address
+/// it saw, so anything left of the first untrusted one could be forged). Returns the address and
+/// whether it came from the header.
+pub fn forwarded_client(
+    peer: std::net::IpAddr,
+    trusted_proxies: &[crate::cidr::Cidr],
+    headers: &HeaderMap,
+) -> (std::net::IpAddr, bool) {
+    let trusted = |ip: std::net::IpAddr| trusted_proxies.iter().any(|c| c.contains(ip));
+    if !trusted(peer) {
+        return (peer, false);
+    }
+    let chain: Vec<std::net::IpAddr> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.trim().parse().ok())
+        .collect();
+    match chain.iter().rev().find(|ip| !trusted(**ip)) {
+        Some(client) => (*client, true),
+        None => (peer, false),
     }
 }
 
@@ -208,6 +234,31 @@ mod tests {
             "for=198.51.100.7;proto=https;host=\"api.example.com\""
         );
         assert!(!map.contains_key("x-real-ip"));
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_last_untrusted_hop() {
+        let trusted: Vec<crate::cidr::Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 198.51.100.7, 10.0.0.9"),
+        );
+        let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            forwarded_client(proxy, &trusted, &headers),
+            ("198.51.100.7".parse().unwrap(), true),
+            "the forged left-most hop is ignored"
+        );
+        let stranger: std::net::IpAddr = "203.0.113.1".parse().unwrap();
+        assert_eq!(
+            forwarded_client(stranger, &trusted, &headers),
+            (stranger, false)
+        );
+        assert_eq!(
+            forwarded_client(proxy, &trusted, &HeaderMap::new()),
+            (proxy, false)
+        );
     }
 
     #[test]

@@ -29,10 +29,12 @@
 //! ```
 mod access_log;
 mod body;
+mod connect;
 pub mod error;
 pub mod headers;
 mod pipeline;
 mod server;
+mod tunnel;
 mod upstream;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -43,7 +45,10 @@ use tokio::{sync::watch, task::JoinSet};
 pub use self::error::{ErrorSource, ProxyError};
 use self::{pipeline::Pipeline, server::Shared};
 use crate::{
+    abuse::AbuseLoop,
+    auth::Authenticator,
     config::{Config, ConfigError},
+    metrics::Metrics,
     tls::{self, TlsError},
 };
 
@@ -70,8 +75,20 @@ pub enum StartError {
     Config(#[from] ConfigError),
 }
 
+/// What the pipeline works with besides its config; kept across reloads.
+#[derive(Clone)]
+pub struct Services {
+    pub metrics: Metrics,
+    /// Told every outcome that counts against a client; denies clients behind trusted proxies.
+    pub abuse: Option<Arc<AbuseLoop>>,
+    /// Verifies credentials for routes that require them.
+    pub auth: Option<Arc<Authenticator>>,
+}
+
 /// The running L7 gateway.
 pub struct L7 {
+    /// Reloads the config of these listeners.
+    pub reloader: Reloader,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
@@ -82,11 +99,16 @@ pub struct L7 {
 
 /// Binds every listener of a validated config and starts serving. Returns `None` when the
 /// config has no listeners. Must run inside the tokio runtime.
-pub fn start(config: &Config) -> Result<Option<L7>, StartError> {
+pub fn start(config: &Config, services: Services) -> Result<Option<L7>, StartError> {
     if config.listeners.is_empty() {
         return Ok(None);
     }
-    let shared = Arc::new(Shared::new(Pipeline::new(config)?, &config.http));
+    let shared = Arc::new(Shared::new(
+        Pipeline::new(config, services.clone())?,
+        &config.http,
+        services,
+        config.listeners.iter().map(|l| l.name.clone()).collect(),
+    ));
     let (shutdown, watcher) = watch::channel(false);
     let mut listeners = JoinSet::new();
     let mut background = JoinSet::new();
@@ -134,12 +156,78 @@ pub fn start(config: &Config) -> Result<Option<L7>, StartError> {
         tracing::info!("L7 gateway serving; try `{hint}`");
     }
     Ok(Some(L7 {
+        reloader: Reloader {
+            shared: Arc::clone(&shared),
+            fixed: FixedSettings::of(config),
+        },
         shared,
         shutdown,
         listeners,
         background,
         addresses,
     }))
+}
+
+/// What a reload cannot change while the listeners run: their sockets, TLS setup and the
+/// connection-level `[http]` settings baked into every connection.
+#[derive(Clone, Debug, PartialEq)]
+struct FixedSettings(String);
+
+impl FixedSettings {
+    fn of(config: &Config) -> FixedSettings {
+        // The config types carry no `PartialEq`; their `Debug` form covers every field.
+        let listeners: Vec<String> = config
+            .listeners
+            .iter()
+            .map(|l| format!("{} {} {:?}", l.name, l.address, l.tls))
+            .collect();
+        FixedSettings(format!("{listeners:?} {:?}", config.http))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "listener addresses, TLS settings or the `[http]` table changed: those apply only at start, so restart the daemon (the running config keeps serving)"
+    )]
+    NeedsRestart,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Swaps the request pipeline of a running L7 gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    fixed: FixedSettings,
+}
+
+impl Reloader {
+    /// Builds the pipeline of a validated `config` completely, without touching the running
+    /// one; [`Prepared::swap`] then puts it in service.
+    pub fn prepare(&self, config: &Config) -> Result<Prepared, ReloadError> {
+        if FixedSettings::of(config) != self.fixed {
+            return Err(ReloadError::NeedsRestart);
+        }
+        Ok(Prepared {
+            shared: Arc::clone(&self.shared),
+            pipeline: Pipeline::new(config, self.shared.services.clone())?,
+        })
+    }
+}
+
+/// A pipeline built from a new config, ready to replace the running one.
+pub struct Prepared {
+    shared: Arc<Shared>,
+    pipeline: Pipeline,
+}
+
+impl Prepared {
+    /// Swaps the new pipeline in atomically: routes, upstreams and trusted proxies change for
+    /// new requests at once, while requests in flight finish on the pipeline they started with.
+    pub fn swap(self) {
+        self.shared.pipeline.store(Arc::new(self.pipeline));
+    }
 }
 
 impl L7 {

@@ -1,6 +1,7 @@
 //! The request path as code: [`Pipeline::handle`] runs the phases in their fixed order (see the
 //! diagram in [`super`]) and is the only caller of [`error_response`].
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::AtomicU64},
     time::Instant,
@@ -11,18 +12,26 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 
 use super::{
-    BoxError, ResponseBody,
+    BoxError, ResponseBody, Services,
     access_log::{AccessRecord, redact_target},
     body::{BodyOutcome, Finish, LimitedBody, LoggedBody},
     error::{ErrorSource, ProxyError, error_response},
-    headers::{Forwarding, RequestId, X_REQUEST_ID, remove_hop_by_hop, set_forwarding},
+    headers::{
+        Forwarding, RequestId, X_REQUEST_ID, forwarded_client, remove_hop_by_hop, set_forwarding,
+    },
     server::Activity,
+    tunnel::{self, TunnelSlot},
     upstream::{InFlight, Upstreams},
+};
+use crate::{
+    abuse::{Outcome, OutcomeClass},
+    auth::{AuthMethod, Identity, Method},
 };
 use crate::{
     cidr::Cidr,
     config::{Config, ConfigError, HttpConfig, UpstreamProtocol},
     routing::{RequestView, Route, RouteTable, path::normalize_path, request_host},
+    tls::ClientCertIdentity,
 };
 
 /// What the pipeline knows of a listener.
@@ -40,7 +49,12 @@ pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) tls_version: Option<&'static str>,
     pub(crate) alpn: Option<&'static str>,
+    /// The client certificate the TLS handshake verified (mTLS listeners only), for the
+    /// authenticate phase to map to a principal.
+    pub(crate) client_cert: Option<ClientCertIdentity>,
     pub(crate) activity: Arc<Activity>,
+    /// A WebSocket tunnel to run once the connection has switched protocols.
+    pub(crate) tunnel: TunnelSlot,
 }
 
 /// Shared by every connection of every listener; immutable once built.
@@ -50,10 +64,27 @@ pub(crate) struct Pipeline {
     upstreams: Upstreams,
     limits: HttpConfig,
     strip_response_headers: Vec<HeaderName>,
+    services: Services,
+    /// Credentials each route accepts (by route name); empty: anonymous.
+    route_auth: HashMap<String, Vec<Method>>,
+    identity_headers: IdentityHeaders,
+}
+
+/// Where the authenticated identity goes in the upstream request.
+struct IdentityHeaders {
+    principal: HeaderName,
+    scopes: HeaderName,
+    method: HeaderName,
+    forward_jwt: bool,
 }
 
 impl Pipeline {
-    pub(crate) fn new(config: &Config) -> Result<Pipeline, ConfigError> {
+    pub(crate) fn new(config: &Config, services: Services) -> Result<Pipeline, ConfigError> {
+        let names = &config.auth.identity_headers;
+        // Validation checked the names.
+        let header = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes()).unwrap_or(HeaderName::from_static("x-invalid"))
+        };
         let listeners = config
             .listeners
             .iter()
@@ -78,6 +109,24 @@ impl Pipeline {
                 .iter()
                 .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
                 .collect(),
+            route_auth: config
+                .routes
+                .iter()
+                .map(|route| {
+                    let methods = route
+                        .auth
+                        .clone()
+                        .unwrap_or_else(|| config.auth.default_route_auth.clone());
+                    (route.name.clone(), methods)
+                })
+                .collect(),
+            identity_headers: IdentityHeaders {
+                principal: header(&names.principal),
+                scopes: header(&names.scopes),
+                method: header(&names.method),
+                forward_jwt: names.forward_jwt,
+            },
+            services,
         })
     }
 
@@ -98,6 +147,10 @@ impl Pipeline {
             listener: Arc::clone(&listener.name),
             tls_version: conn.tls_version,
             alpn: conn.alpn,
+            client_cert: conn
+                .client_cert
+                .as_ref()
+                .and_then(|cert| cert.name().map(str::to_owned)),
             http_version: version_name(request.version()),
             method: request.method().to_string(),
             target: redact_target(request.uri().path(), request.uri().query()),
@@ -116,8 +169,20 @@ impl Pipeline {
             bytes_out: 0,
         };
         let mut in_flight = None;
-        let outcome = self
-            .phases(
+        // Who the client is for abuse purposes: the peer, or behind a trusted proxy the address
+        // it forwards (such a client cannot be dropped in the kernel, so it is denied here).
+        let (client, behind_proxy) =
+            forwarded_client(conn.peer.ip(), &listener.trusted_proxies, request.headers());
+        let denied = behind_proxy
+            && self
+                .services
+                .abuse
+                .as_ref()
+                .is_some_and(|abuse| abuse.denied_at_l7(client));
+        let outcome = if denied {
+            Err(ProxyError::Denied)
+        } else {
+            self.phases(
                 conn,
                 listener,
                 request,
@@ -125,7 +190,8 @@ impl Pipeline {
                 &mut record,
                 &mut in_flight,
             )
-            .await;
+            .await
+        };
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
@@ -154,8 +220,28 @@ impl Pipeline {
             .headers_mut()
             .insert(X_REQUEST_ID, request_id.header_value());
 
-        // Phase 11, log: written by the body wrapper once the body is sent or abandoned.
+        // Phase 11, log: written by the body wrapper once the body is sent or abandoned. The
+        // metrics count the request now, when its response head is ready.
         record.status = response.status().as_u16();
+        self.services.metrics.record_request(
+            &listener.name,
+            record.route.as_deref(),
+            record.status,
+            record.started.elapsed(),
+        );
+        // The abuse detector counts what this client got: the gateway's refusals and the
+        // upstream's alike (a 401 from the API's own login is credential stuffing too).
+        if let Some(abuse) = &self.services.abuse
+            && let Some(class) = OutcomeClass::of_status(record.status)
+            && abuse.watches(class)
+        {
+            abuse.observe(&Outcome {
+                source: client,
+                behind_proxy,
+                class,
+                count: 1,
+            });
+        }
         response.map(|body| {
             LoggedBody::new(
                 body,
@@ -201,15 +287,68 @@ impl Pipeline {
             .ok_or(ProxyError::NoRoute)?;
         record.route = Some(route.name.clone());
 
-        // Phases 5 to 8 (authenticate → authorize → validate → rate-limit) belong to the
-        // security work and go here, in that order, each returning `Result<_, ProxyError>`;
-        // authentication fills `record.identity`.
+        // Phase 5, authenticate. Identity headers are the gateway's to set: whatever the
+        // client sent under their names goes, on every route.
+        let mut request = request;
+        let names = &self.identity_headers;
+        for name in [&names.principal, &names.scopes, &names.method] {
+            request.headers_mut().remove(name);
+        }
+        let identity = self.authenticate(route, &mut request).await?;
+        if let Some(identity) = &identity {
+            record.identity = Some(identity.principal.clone());
+        }
+
+        // Phases 6 to 8 (authorize → validate → rate-limit) go here, in that order, each
+        // returning `Result<_, ProxyError>` and reading `identity`.
 
         // Phase 9, upstream.
         self.forward(
             conn, listener, request, route, &path, request_id, record, in_flight,
         )
         .await
+    }
+
+    /// Phase 5: verifies the route's credentials and tells the upstream who the client is.
+    /// The credential itself stops here unless the route forwards verified JWTs.
+    async fn authenticate(
+        &self,
+        route: &Route,
+        request: &mut Request<Incoming>,
+    ) -> Result<Option<Identity>, ProxyError> {
+        let methods = self
+            .route_auth
+            .get(&route.name)
+            .map_or(&[][..], Vec::as_slice);
+        if methods.is_empty() {
+            return Ok(None);
+        }
+        let Some(authenticator) = &self.services.auth else {
+            return Err(ProxyError::Internal(
+                "authentication is required but no authenticator is running".into(),
+            ));
+        };
+        let identity = authenticator
+            .authenticate(methods, request.headers(), request.uri().query())
+            .await
+            .map_err(ProxyError::Unauthenticated)?;
+        let names = &self.identity_headers;
+        let headers = request.headers_mut();
+        if !(names.forward_jwt && matches!(identity.method, AuthMethod::Jwt { .. })) {
+            headers.remove(header::AUTHORIZATION);
+        }
+        authenticator.strip_api_key(headers);
+        let scopes: Vec<&str> = identity.scopes.iter().map(String::as_str).collect();
+        for (name, value) in [
+            (&names.principal, identity.principal.as_str()),
+            (&names.scopes, &scopes.join(" ")),
+            (&names.method, identity.method.name()),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name.clone(), value);
+            }
+        }
+        Ok(Some(identity))
     }
 
     fn check_limits(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -243,7 +382,7 @@ impl Pipeline {
         &self,
         conn: &ConnInfo,
         listener: &ListenerInfo,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         route: &Route,
         path: &str,
         request_id: &RequestId,
@@ -267,6 +406,24 @@ impl Pipeline {
         })?;
         record.upstream = Some(endpoint.addr());
 
+        // WebSocket over HTTP/1.1 only, on both sides: HTTP/2's extended CONNECT is not
+        // offered to clients, and an HTTP/2 upstream has no `Upgrade`.
+        let client_upgrade = (request.version() == Version::HTTP_11
+            && pool.protocol == UpstreamProtocol::Http1
+            && tunnel::wants_websocket(request.headers()))
+        .then(|| hyper::upgrade::on(&mut request));
+        // `TE` is hop-by-hop, but `TE: trailers` to an HTTP/2 upstream says "I understand
+        // trailers", which gRPC servers expect to hear; it is the one `TE` value HTTP/2
+        // allows, so it is passed on there. HTTP/1.1 upstreams get no `TE` at all.
+        let te_trailers = pool.protocol != UpstreamProtocol::Http1
+            && request
+                .headers()
+                .get_all(header::TE)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
+
         let (mut parts, body) = request.into_parts();
         // The host the client addressed, port included: the URI's authority (HTTP/2, or an
         // absolute-form target) wins over a `Host` header, as it did for routing.
@@ -283,16 +440,24 @@ impl Pipeline {
             None => upstream_path,
         };
         parts.uri = Uri::builder()
-            .scheme("http")
+            .scheme(pool.scheme)
             .authority(endpoint.addr().to_string())
             .path_and_query(target)
             .build()
             .map_err(|error| ProxyError::Internal(error.into()))?;
         parts.version = match pool.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Version::HTTP_2,
         };
         remove_hop_by_hop(&mut parts.headers);
+        if client_upgrade.is_some() {
+            tunnel::set_upgrade_headers(&mut parts.headers);
+        }
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             // So the upstream sees the host the route matched, never a conflicting `Host`.
             parts.headers.insert(header::HOST, value);
@@ -325,7 +490,7 @@ impl Pipeline {
             pool.client.request(Request::from_parts(parts, body)),
         )
         .await;
-        let response = match sent {
+        let mut response = match sent {
             Ok(Ok(response)) => response,
             _ if outcome.too_large() => return Err(ProxyError::BodyTooLarge),
             Ok(Err(error)) if outcome.client_failed() => {
@@ -338,10 +503,30 @@ impl Pipeline {
             }
             Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error.into())),
         };
-        *in_flight = Some(endpoint);
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upgrade = match client_upgrade {
+            Some(client) if switching => {
+                let upstream = hyper::upgrade::on(&mut response);
+                // The tunnel holds the endpoint for as long as it lasts.
+                conn.tunnel.put(tunnel::splice(
+                    client,
+                    upstream,
+                    endpoint,
+                    request_id.as_str().to_owned(),
+                ));
+                true
+            }
+            _ => {
+                *in_flight = Some(endpoint);
+                false
+            }
+        };
 
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        if upgrade {
+            tunnel::set_upgrade_headers(&mut parts.headers);
+        }
         // hyper picks the framing for the client's protocol; the upstream's version says
         // nothing about the client's.
         parts.version = Version::HTTP_11;

@@ -28,8 +28,33 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::pipeline::{ConnInfo, Pipeline};
-use crate::{config::HttpConfig, tls::ALPN_H2};
+use arc_swap::ArcSwap;
+
+use super::{
+    pipeline::{ConnInfo, Pipeline},
+    tunnel::TunnelSlot,
+};
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::Services;
+use crate::{
+    abuse::{Outcome, OutcomeClass},
+    metrics::{ListenerLabels, RefusedLabels},
+};
+use crate::{
+    config::HttpConfig,
+    tls::{ALPN_H2, ClientCertIdentity},
+};
+
+/// HTTP/2 streams a client may open and cancel before the server has taken them up. Past
+/// this the connection gets GOAWAY (`ENHANCE_YOUR_CALM`) and is closed: the "Rapid Reset"
+/// flood (CVE-2023-44487) costs the attacker a connection per few dozen streams. h2's
+/// default, spelled out so that a dependency update cannot loosen it unnoticed.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the server may reset because the client broke the protocol on them before the
+/// connection is closed: the "MadeYouReset" variant (CVE-2025-8671, fixed in h2 0.4.11),
+/// where the client makes the server do the resetting.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// What a connection is doing, as far as its timeouts care: when it last moved bytes, how many
 /// of its requests are being answered, and since when it has been receiving a request head.
@@ -198,11 +223,18 @@ impl ConnLimits {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Admits a connection from `source`, or counts it as refused.
-    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnPermit> {
+    /// Admits a connection from `source`, or counts it as refused and names the limit hit.
+    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Result<ConnPermit, &'static str> {
         let mut open = self.open();
         let from_source = open.per_source.get(&source).copied().unwrap_or(0);
-        if open.total >= self.max_total || from_source >= self.max_per_source {
+        let limit = if open.total >= self.max_total {
+            Some("total_limit")
+        } else if from_source >= self.max_per_source {
+            Some("per_source_limit")
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
             drop(open);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
             // Logged at powers of two: visible during a flood without a line per connection.
@@ -213,11 +245,11 @@ impl ConnLimits {
                     "connection refused: `http.max_connections` or `http.max_connections_per_source` reached"
                 );
             }
-            return None;
+            return Err(limit);
         }
         open.total += 1;
         *open.per_source.entry(source).or_insert(0) += 1;
-        Some(ConnPermit {
+        Ok(ConnPermit {
             limits: Arc::clone(self),
             source,
         })
@@ -244,14 +276,25 @@ impl Drop for ConnPermit {
 
 /// What every connection of every listener shares.
 pub(crate) struct Shared {
-    pub(crate) pipeline: Arc<Pipeline>,
+    /// Swapped whole on a config reload; each request runs on the pipeline it started with.
+    pub(crate) pipeline: ArcSwap<Pipeline>,
     pub(crate) limits: Arc<ConnLimits>,
+    /// Connection-level settings: fixed for the life of the listeners.
     pub(crate) http: HttpConfig,
+    /// Metrics, the abuse loop (told about failed TLS handshakes), the authenticator.
+    pub(crate) services: Services,
+    /// Listener names by index, for metric labels.
+    pub(crate) listener_names: Vec<String>,
     builder: auto::Builder<TokioExecutor>,
 }
 
 impl Shared {
-    pub(crate) fn new(pipeline: Pipeline, http: &HttpConfig) -> Shared {
+    pub(crate) fn new(
+        pipeline: Pipeline,
+        http: &HttpConfig,
+        services: Services,
+        listener_names: Vec<String>,
+    ) -> Shared {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's own limits sit above ours, so a request just over a limit reaches the
         // pipeline and gets its problem body; hyper answers bare 431s only far beyond them.
@@ -266,12 +309,39 @@ impl Shared {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(http.h2_max_concurrent_streams)
-            .max_header_list_size(u32::try_from(http.max_header_bytes * 2).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(http.max_header_bytes * 2).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
         Shared {
-            pipeline: Arc::new(pipeline),
+            pipeline: ArcSwap::from_pointee(pipeline),
             limits: Arc::new(ConnLimits::new(http)),
             http: http.clone(),
+            services,
+            listener_names,
             builder,
+        }
+    }
+
+    /// Counts a failed TLS handshake, in the metrics and against the peer.
+    fn tls_failed(&self, index: usize, peer: SocketAddr) {
+        self.services
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&self.listener_labels(index))
+            .inc();
+        if let Some(abuse) = &self.services.abuse {
+            abuse.observe(&Outcome {
+                source: peer.ip(),
+                behind_proxy: false,
+                class: OutcomeClass::TlsFailure,
+                count: 1,
+            });
+        }
+    }
+
+    fn listener_labels(&self, index: usize) -> ListenerLabels {
+        ListenerLabels {
+            listener: self.listener_names.get(index).cloned().unwrap_or_default(),
         }
     }
 }
@@ -288,29 +358,43 @@ pub(crate) async fn accept_loop(
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Refused before any byte is read or any TLS work is done.
-                    let Some(permit) = shared.limits.admit(peer.ip()) else { continue };
-                    connections.spawn(serve(
-                        Arc::clone(&shared),
-                        index,
-                        stream,
-                        peer,
-                        tls.clone(),
-                        permit,
-                        shutdown.clone(),
-                    ));
+                    _ = shutdown.changed() => break,
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            // Refused before any byte is read or any TLS work is done.
+                            let permit = match shared.limits.admit(peer.ip()) {
+                                Ok(permit) => permit,
+                                Err(limit) => {
+                                    shared
+                                        .services
+        .metrics
+                                        .refused_connections
+                                        .get_or_create(&RefusedLabels {
+                                            listener: shared.listener_labels(index).listener,
+                                            limit,
+                                        })
+                                        .inc();
+                                    continue;
+                                }
+                            };
+                            connections.spawn(serve(
+                                Arc::clone(&shared),
+                                index,
+                                stream,
+                                peer,
+                                tls.clone(),
+                                permit,
+                                shutdown.clone(),
+                            ));
+                        }
+                        Err(error) => {
+                            // Out of file descriptors, usually: back off instead of spinning.
+                            tracing::warn!(%error, "accepting a connection failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                 }
-                Err(error) => {
-                    // Out of file descriptors, usually: back off instead of spinning.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
@@ -326,6 +410,13 @@ async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let _active = ActiveConnection::new(
+        shared
+            .services
+            .metrics
+            .active_connections
+            .get_or_create_owned(&shared.listener_labels(index)),
+    );
     let activity = Arc::new(Activity::new());
     let io = Tracked {
         inner: stream,
@@ -336,7 +427,9 @@ async fn serve(
         peer,
         tls_version: None,
         alpn: None,
+        client_cert: None,
         activity,
+        tunnel: TunnelSlot::default(),
     };
     let Some(acceptor) = tls else {
         // Plain listeners speak HTTP/1.1 only: they serve redirects and internal routes, and
@@ -351,10 +444,12 @@ async fn serve(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "TLS handshake failed");
+            shared.tls_failed(index, peer);
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
+            shared.tls_failed(index, peer);
             return;
         }
     };
@@ -364,6 +459,12 @@ async fn serve(
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
         _ => "other",
     });
+    // rustls verified the chain during the handshake (an mTLS listener's failures end up in
+    // the handshake-failure path above); the leaf names the client.
+    info.client_cert = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| ClientCertIdentity::from_der(leaf));
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     info.alpn = session
         .alpn_protocol()
@@ -393,13 +494,16 @@ async fn drive<I>(
     let activity = Arc::clone(&info.activity);
     let peer = info.peer;
     let info = Arc::new(info);
-    let pipeline = Arc::clone(&shared.pipeline);
+    let conn = Arc::clone(&info);
+    let for_service = Arc::clone(&shared);
     let service = service_fn(move |request| {
-        let pipeline = Arc::clone(&pipeline);
+        // Loaded per request: after a reload, new requests use the new config while requests
+        // in flight finish on the one they started with.
+        let pipeline = for_service.pipeline.load_full();
         let info = Arc::clone(&info);
         async move { Ok::<_, Infallible>(pipeline.handle(&info, request).await) }
     });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let idle_timeout = shared.http.idle_timeout;
     let header_timeout = shared.http.header_read_timeout;
@@ -432,5 +536,39 @@ async fn drive<I>(
                 }
             }
         }
+    }
+    // After a WebSocket upgrade hyper has handed the connection over: the tunnel runs here,
+    // on the connection's task and under its permit, until a side closes or it idles out.
+    // On shutdown it gets the grace like any request in flight.
+    let Some(mut tunnel) = conn.tunnel.take() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = &mut tunnel => break,
+            _ = ticker.tick() => {
+                if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(%peer, "closing: WebSocket tunnel idle for `http.idle_timeout`");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a listener's active-connection gauge up for as long as the connection lives, however
+/// it ends.
+struct ActiveConnection(Gauge);
+
+impl ActiveConnection {
+    fn new(gauge: Gauge) -> ActiveConnection {
+        gauge.inc();
+        ActiveConnection(gauge)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

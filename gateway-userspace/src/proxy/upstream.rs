@@ -1,5 +1,6 @@
 //! Upstream pools: each `[[upstreams]]` entry is a set of endpoints, a balancing policy and a
-//! pooled keep-alive client speaking HTTP/1.1 or prior-knowledge HTTP/2 (h2c).
+//! pooled keep-alive client speaking HTTP/1.1 or HTTP/2, in plaintext (HTTP/2 with prior
+//! knowledge, h2c) or over TLS ([`super::connect`]).
 //!
 //! An endpoint that refused a connection is skipped for [`EJECT_FOR`]; when every endpoint of
 //! a pool is skipped the request gets 503 at once instead of waiting on dead addresses. Active
@@ -15,17 +16,20 @@ use std::{
 };
 
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::Client,
     rt::{TokioExecutor, TokioTimer},
 };
 
-use super::body::LimitedBody;
-use crate::config::{Balance, Config, UpstreamConfig, UpstreamProtocol};
+use super::{body::LimitedBody, connect::UpstreamConnector};
+use crate::{
+    config::{Balance, Config, ConfigError, UpstreamConfig, UpstreamProtocol},
+    tls,
+};
 
 /// How long an endpoint that refused a connection is left out of the rotation.
 pub(crate) const EJECT_FOR: Duration = Duration::from_secs(2);
 
-pub(crate) type UpstreamClient = Client<HttpConnector, LimitedBody>;
+pub(crate) type UpstreamClient = Client<UpstreamConnector, LimitedBody>;
 
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
@@ -37,6 +41,8 @@ pub(crate) struct Endpoint {
 pub(crate) struct Pool {
     pub(crate) name: String,
     pub(crate) protocol: UpstreamProtocol,
+    /// `https` for TLS pools, `http` otherwise.
+    pub(crate) scheme: &'static str,
     pub(crate) client: UpstreamClient,
     endpoints: Vec<Arc<Endpoint>>,
     balance: Balance,
@@ -62,19 +68,23 @@ impl Drop for InFlight {
 }
 
 impl Pool {
-    fn new(config: &UpstreamConfig, endpoints: Vec<SocketAddr>) -> Pool {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
+    fn new(
+        config: &UpstreamConfig,
+        endpoints: Vec<SocketAddr>,
+        tls: Option<tls::UpstreamTls>,
+    ) -> Pool {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let connector = UpstreamConnector::new(config.connect_timeout, tls);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(config.idle_timeout)
-            .http2_only(config.protocol == UpstreamProtocol::H2c);
+            .http2_only(config.protocol != UpstreamProtocol::Http1);
         Pool {
             name: config.name.clone(),
             protocol: config.protocol,
+            scheme,
             client: builder.build(connector),
             endpoints: endpoints
                 .into_iter()
@@ -139,13 +149,24 @@ pub(crate) struct Upstreams {
 
 impl Upstreams {
     /// Builds the pools of a validated config.
-    pub(crate) fn new(config: &Config) -> Result<Upstreams, crate::config::ConfigError> {
+    pub(crate) fn new(config: &Config) -> Result<Upstreams, ConfigError> {
         let mut pools = HashMap::new();
         for (i, upstream) in config.upstreams.iter().enumerate() {
-            let endpoints = upstream.endpoint_addrs(&format!("upstreams[{i}]"))?;
+            let key = format!("upstreams[{i}]");
+            let endpoints = upstream.endpoint_addrs(&key)?;
+            // Validation loaded these files already; they can only have changed since.
+            let tls = upstream
+                .tls
+                .as_ref()
+                .map(|tls| tls::upstream_tls(tls, upstream.protocol))
+                .transpose()
+                .map_err(|error| ConfigError::Invalid {
+                    key: format!("{key}.tls"),
+                    message: crate::lists::error_chain(&error),
+                })?;
             pools.insert(
                 upstream.name.clone(),
-                Arc::new(Pool::new(upstream, endpoints)),
+                Arc::new(Pool::new(upstream, endpoints, tls)),
             );
         }
         Ok(Upstreams { pools })
@@ -173,7 +194,7 @@ mod tests {
         let endpoints = config.upstreams[0]
             .endpoint_addrs("upstreams[0]")
             .expect("endpoint addresses");
-        Pool::new(&config.upstreams[0], endpoints)
+        Pool::new(&config.upstreams[0], endpoints, None)
     }
 
     fn ports(picks: &[InFlight]) -> Vec<u16> {

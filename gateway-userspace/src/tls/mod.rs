@@ -1,21 +1,27 @@
 //! TLS termination for the L7 listeners: the rustls server config (TLS 1.2 and 1.3, AEAD suites
 //! only, ALPN `h2` and `http/1.1`, the `ring` provider), the SNI certificate resolver, the
-//! self-signed demo certificate, and reloading certificates from disk without dropping
-//! connections.
+//! self-signed demo certificate, reloading certificates from disk without dropping
+//! connections, client certificates (mTLS, [`client_auth`]) and the client side towards TLS
+//! upstreams.
+mod client_auth;
 mod reload;
 mod resolver;
+mod upstream;
+mod x509;
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use rustls::{ServerConfig, crypto::CryptoProvider, sign::CertifiedKey};
+use rustls::{RootCertStore, ServerConfig, crypto::CryptoProvider, sign::CertifiedKey};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 
 pub use self::{
+    client_auth::ClientCertIdentity,
     reload::Reloader,
     resolver::{CertStore, SniResolver},
+    upstream::{UpstreamTls, upstream_tls},
 };
 use crate::config::TlsConfig;
 
@@ -50,6 +56,12 @@ pub enum TlsError {
     SelfSigned(#[source] rcgen::Error),
     #[error("building the TLS server configuration failed")]
     Config(#[source] rustls::Error),
+    #[error("`{path}` holds no usable PEM CA certificate")]
+    NoCaCertificate { path: PathBuf },
+    #[error("building the client-certificate verifier failed")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("`{0}` is not a DNS name or IP address; fix the upstream's `server_name`")]
+    ServerName(String),
 }
 
 /// The `ring` provider restricted to AEAD suites with forward secrecy (which is every suite
@@ -109,6 +121,24 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     Ok(certified)
 }
 
+/// The trust anchors in a PEM bundle. Certificates rustls cannot use as anchors are skipped
+/// (system bundles hold a few); a bundle with none usable is an error.
+pub fn load_ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    let (added, _skipped) = roots
+        .add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok));
+    if added == 0 {
+        return Err(TlsError::NoCaCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(roots)
+}
+
 /// A fresh self-signed certificate for `names` (DNS names or IP addresses).
 pub fn self_signed(names: &[String]) -> Result<CertifiedKey, TlsError> {
     let generated =
@@ -134,11 +164,14 @@ pub struct ListenerTls {
 /// Loads a listener's certificates and builds its server config.
 pub fn listener_tls(config: &TlsConfig) -> Result<ListenerTls, TlsError> {
     let reloader = Reloader::load(config)?;
-    let mut server_config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Config)?
-        .with_no_client_auth()
-        .with_cert_resolver(reloader.resolver());
+        .map_err(TlsError::Config)?;
+    let builder = match &config.client_auth {
+        Some(client_auth) => builder.with_client_cert_verifier(client_auth::verifier(client_auth)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut server_config = builder.with_cert_resolver(reloader.resolver());
     server_config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(ListenerTls {
         server_config: Arc::new(server_config),

@@ -158,6 +158,7 @@ mod tests {
             self_signed: false,
             self_signed_names: Vec::new(),
             reload_interval: Duration::from_secs(1),
+            client_auth: None,
         };
         let mut reloader = Reloader::load(&config).expect("loading the first pair");
         let served = |reloader: &Reloader| {

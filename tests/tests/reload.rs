@@ -1,0 +1,482 @@
+//! Configuration reload and the admin HTTP listener, against the real daemon: routes change
+//! under a steady stream of keep-alive requests without losing one, a bad config is refused
+//! while the old one keeps serving, SIGHUP and file changes trigger reloads, and `/metrics`
+//! shows both the L7 families and the kernel counters.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::require_root;
+use gateway_userspace::{config::BPFFS_ROOT, xdp::loader::remove_pins};
+
+fn gateway_bin() -> PathBuf {
+    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon with its folder, config, pins and demo upstream, removed on drop.
+struct Daemon {
+    dir: PathBuf,
+    instance: String,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    upstream: SocketAddr,
+    process: Option<Process>,
+    _upstream: Process,
+}
+
+impl Daemon {
+    fn start(test: &str) -> Daemon {
+        Daemon::start_with(test, "")
+    }
+
+    /// Starts the daemon with `extra` (whole TOML tables) in its config.
+    fn start_with(test: &str, extra: &str) -> Daemon {
+        let instance = format!("reload-{test}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("gateway-{instance}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the test folder");
+        let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let upstream_process = Process(
+            Command::new(gateway_bin())
+                .args(["demo-upstream", "--listen", &upstream.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting the demo upstream"),
+        );
+        let mut daemon = Daemon {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            upstream,
+            dir,
+            instance,
+            process: None,
+            _upstream: upstream_process,
+        };
+        let _ = remove_pins(&daemon.pin_dir());
+        daemon.write_config(&["a"], extra);
+        let log = fs::File::create(daemon.dir.join("daemon.log")).expect("creating the log");
+        let child = Command::new(gateway_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(daemon.config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the daemon");
+        daemon.process = Some(Process(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(daemon.listen).is_err()
+            || TcpStream::connect(daemon.upstream).is_err()
+        {
+            let process = &mut daemon.process.as_mut().expect("just started").0;
+            if let Ok(Some(status)) = process.try_wait() {
+                panic!("the daemon exited ({status}) at start:\n{}", daemon.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready in 20 s:\n{}",
+                daemon.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        Path::new(BPFFS_ROOT).join(&self.instance)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A config routing `/<name>` for each of `routes` to the demo upstream, plus `extra` TOML.
+    fn write_config(&self, routes: &[&str], extra: &str) {
+        let names: Vec<String> = routes.iter().map(|r| format!("\"{r}\"")).collect();
+        let mut text = format!(
+            "instance = \"{instance}\"\n\
+             state_dir = \"{dir}/state\"\n\
+             admin_socket = \"{dir}/admin.sock\"\n\
+             {extra}\n\
+             [metrics]\n\
+             listen = \"{metrics}\"\n\
+             [[listeners]]\n\
+             name = \"plain\"\n\
+             address = \"{listen}\"\n\
+             routes = [{names}]\n\
+             [[upstreams]]\n\
+             name = \"demo\"\n\
+             endpoints = [\"{upstream}\"]\n",
+            instance = self.instance,
+            dir = self.dir.display(),
+            metrics = self.metrics,
+            listen = self.listen,
+            upstream = self.upstream,
+            names = names.join(", "),
+        );
+        for route in routes {
+            text.push_str(&format!(
+                "[[routes]]\nname = \"{route}\"\npath_prefix = \"/{route}\"\nupstream = \"demo\"\n"
+            ));
+        }
+        // Written whole and renamed, so the file watcher never sees half a file.
+        let tmp = self.dir.join("gateway.toml.tmp");
+        fs::write(&tmp, text).expect("writing the config");
+        fs::rename(&tmp, self.config()).expect("replacing the config");
+    }
+
+    /// `curl` against the plain listener: status and body.
+    fn curl(&self, path: &str, headers: &[&str]) -> (u16, String) {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--max-time", "5", "-w", "\n%{http_code}"]);
+        for header in headers {
+            curl.args(["-H", header]);
+        }
+        let output = curl
+            .arg(format!("http://{}{path}", self.listen))
+            .output()
+            .expect("running curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (status.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(gateway_bin())
+            .arg("--socket")
+            .arg(self.dir.join("admin.sock"))
+            .args(args)
+            .output()
+            .expect("running the CLI")
+    }
+
+    /// Status of `GET path` on a fresh connection.
+    fn status_of(&self, path: &str) -> u16 {
+        let mut client = KeepAlive::connect(self.listen);
+        client.get(path)
+    }
+
+    /// Polls until `GET path` answers `status` (bounded).
+    fn wait_for(&self, path: &str, status: u16, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.status_of(path);
+            if got == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{why}: GET {path} gave {got}, wanted {status}\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn http_get(&self, addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut client = KeepAlive::connect(addr);
+        let status = client.get(path);
+        (status, client.last_body.clone())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let failed = thread::panicking();
+        drop(self.process.take());
+        if failed {
+            eprintln!("daemon log:\n{}", self.log());
+        }
+        if let Err(error) = remove_pins(&self.pin_dir()) {
+            eprintln!("removing pins: {error}");
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client: one connection, sequential requests.
+struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    last_body: String,
+}
+
+impl KeepAlive {
+    fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connecting");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        KeepAlive {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+            last_body: String::new(),
+        }
+    }
+
+    /// Sends `GET path` and reads the whole response; returns its status.
+    fn get(&mut self, path: &str) -> u16 {
+        write!(self.writer, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("sending");
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .expect("reading the status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            self.reader
+                .read_line(&mut header)
+                .expect("reading a header");
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().expect("a content length");
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("reading the body");
+        self.last_body = String::from_utf8_lossy(&body).into_owned();
+        status
+    }
+}
+
+#[test]
+fn reload_changes_routes_without_losing_a_request() {
+    if !require_root("reload_changes_routes_without_losing_a_request") {
+        return;
+    }
+    let daemon = Daemon::start("routes");
+    assert_eq!(daemon.status_of("/a/x"), 200);
+    assert_eq!(daemon.status_of("/b/x"), 404);
+
+    // A steady stream of requests on one keep-alive connection across every reload below.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, served, addr) = (Arc::clone(&stop), Arc::clone(&served), daemon.listen);
+        thread::spawn(move || {
+            let mut client = KeepAlive::connect(addr);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let status = client.get("/a/steady");
+                assert_eq!(status, 200, "a request failed during a reload");
+                served.fetch_add(1, Ordering::Relaxed);
+                if served.load(Ordering::Relaxed) >= 100_000 {
+                    break;
+                }
+            }
+        })
+    };
+
+    daemon.write_config(&["a", "b"], "");
+    let reloaded = daemon.cli(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    assert_eq!(
+        daemon.status_of("/b/x"),
+        200,
+        "the new route serves at once"
+    );
+
+    // A config that does not validate is refused; the running one keeps serving.
+    fs::write(
+        daemon.config(),
+        "[[routes]]\nname = \"c\"\nupstream = \"missing\"\n",
+    )
+    .unwrap();
+    let refused = daemon.cli(&["reload"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("config"),
+        "the error says what is wrong: {message}"
+    );
+    assert_eq!(daemon.status_of("/b/x"), 200, "the old config still serves");
+
+    // What applies only at start is refused too, naming the key.
+    daemon.write_config(&["a", "b"], "[xdp]\ninterfaces = [\"lo\"]\n");
+    let refused = daemon.cli(&["reload"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("xdp.interfaces"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // SIGHUP reloads as well.
+    daemon.write_config(&["a"], "");
+    let pid = daemon.process.as_ref().unwrap().0.id() as i32;
+    // SAFETY: plain syscall on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    daemon.wait_for("/b/x", 404, "after SIGHUP with route b removed");
+
+    // And so does a change of the file alone (the watcher polls every 2 s).
+    daemon.write_config(&["a", "c"], "");
+    daemon.wait_for("/c/x", 200, "after the config file changed");
+
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("no request failed during the reloads");
+    assert!(served.load(Ordering::Relaxed) > 0);
+
+    let (status, metrics) = daemon.http_get(daemon.metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"gateway_config_reloads_total{result="rejected"} "#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"gateway_config_reloads_total{result="ok"} "#),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn admin_http_serves_metrics_health_and_readiness() {
+    if !require_root("admin_http_serves_metrics_health_and_readiness") {
+        return;
+    }
+    let daemon = Daemon::start("metrics");
+    assert_eq!(daemon.status_of("/a/x"), 200);
+    assert_eq!(daemon.status_of("/nowhere"), 404);
+    assert_eq!(daemon.http_get(daemon.metrics, "/healthz").0, 200);
+    assert_eq!(daemon.http_get(daemon.metrics, "/readyz").0, 200);
+    let (status, metrics) = daemon.http_get(daemon.metrics, "/metrics");
+    assert_eq!(status, 200);
+    for expected in [
+        r#"gateway_http_requests_total{listener="plain",route="a",status="2xx"} 1"#,
+        r#"gateway_http_requests_total{listener="plain",route="none",status="4xx"} 1"#,
+        r#"gateway_http_request_duration_seconds_count{route="a"} 1"#,
+        r#"gateway_xdp_packets_total{reason="blocked_address",action="drop"} "#,
+        r#"gateway_xdp_map_capacity{map="GW_BLOCK_V4"} 1200000"#,
+        "gateway_active_connections",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing `{expected}` in:\n{metrics}"
+        );
+    }
+}
+
+#[test]
+fn api_keys_authenticate_and_identity_reaches_the_upstream() {
+    if !require_root("api_keys_authenticate_and_identity_reaches_the_upstream") {
+        return;
+    }
+    let daemon = Daemon::start("apikeys");
+    daemon.write_config(&["a"], "[auth]\ndefault_route_auth = [\"api_key\"]\n");
+    let reloaded = daemon.cli(&["reload"]);
+    assert!(
+        !reloaded.status.success(),
+        "`auth` applies only at start, so the reload is refused"
+    );
+    // Restart-only settings need a new daemon: start one with authentication on.
+    drop(daemon);
+    let daemon = Daemon::start_with("apikeys2", "[auth]\ndefault_route_auth = [\"api_key\"]\n");
+
+    let (status, body) = daemon.curl("/a/x", &[]);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unauthenticated"), "a problem body: {body}");
+
+    let created = daemon.cli(&[
+        "keys",
+        "create",
+        "--owner",
+        "svc-billing",
+        "--scopes",
+        "orders:read",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    assert!(key.starts_with("gw_"), "{key}");
+
+    let (status, body) = daemon.curl(
+        "/a/x",
+        &[
+            &format!("X-Api-Key: {key}"),
+            "X-Authenticated-Principal: admin",
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).expect("the demo upstream's JSON");
+    let headers = &echoed["headers"];
+    assert_eq!(
+        headers["x-authenticated-principal"], "svc-billing",
+        "{echoed}"
+    );
+    assert_eq!(headers["x-authenticated-scopes"], "orders:read", "{echoed}");
+    assert!(
+        headers.get("x-api-key").is_none(),
+        "the key stops at the gateway: {echoed}"
+    );
+
+    let (status, _) = daemon.curl("/a/x", &["X-Api-Key: gw_0000000000000000_nope"]);
+    assert_eq!(status, 401);
+}
