@@ -89,7 +89,7 @@ fn schema(c: &mut Criterion) {
     let config = Config::parse(&toml).unwrap_or_else(|e| panic!("bench config: {e}"));
     let validations = Validations::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
     let route = validations.route("orders").expect("orders validates");
-    let items: Vec<_> = (0..12)
+    let items: Vec<_> = (0..20)
         .map(
             |i| serde_json::json!({"sku": format!("SKU-{i:04}"), "qty": i + 1, "unit_price": 4.25}),
         )

@@ -1303,6 +1303,96 @@ fn credential_stuffing_is_banned_in_the_kernel() {
     assert_passes(net, server_v4, "after `bans lift`");
 }
 
+/// Like [`reaction_time`], from `source` (an address of the client namespace), stopping as soon
+/// as ten probes in a row went unanswered.
+fn reaction_time_from(net: &VethPair, source: Ipv4Addr, t0: Instant) -> Option<Duration> {
+    let to = SocketAddr::new(net.gateway_v4.into(), PORT);
+    net.client.run(move || {
+        let socket = UdpSocket::bind((source, 0)).expect("a probe socket");
+        socket.connect(to).expect("connecting the probe socket");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let mut sent = Vec::new();
+        let mut echoed = std::collections::HashSet::new();
+        let mut buffer = [0u8; 8];
+        // Bounded: at most 3,000 probes over at most 300 ms.
+        while sent.len() < 3000 && t0.elapsed() < Duration::from_millis(300) {
+            let seq = sent.len() as u64;
+            let _ = socket.send(&seq.to_be_bytes());
+            sent.push(t0.elapsed());
+            thread::sleep(Duration::from_micros(100));
+            while let Ok(8) = socket.recv(&mut buffer) {
+                echoed.insert(u64::from_be_bytes(buffer));
+            }
+            // An echo takes far less than a millisecond on a veth: ten silent probes in a row
+            // after a millisecond mean the source is dropped.
+            let silent = (0..sent.len() as u64)
+                .rev()
+                .take_while(|seq| !echoed.contains(seq))
+                .count();
+            if silent >= 10 && sent[sent.len() - silent] + Duration::from_millis(1) < t0.elapsed() {
+                return Some(sent[sent.len() - silent]);
+            }
+        }
+        None
+    })
+}
+
+/// Not a pass/fail on speed (these machines are shared): measures the end-to-end reaction time
+/// of many bans and prints median and p99 for the record; fails only if a ban never lands.
+#[test]
+fn ban_reaction_time_over_many_sources() {
+    const SOURCES: u8 = 50;
+    let rules = "[[abuse.rules]]\nname = \"stuffing\"\nclasses = [\"auth_failure\"]\n\
+                 threshold = 3\nwindow = \"30s\"\nban = \"60s\"\n";
+    let Some((setup, _upstream)) = abuse_setup(
+        "ban_reaction_time_over_many_sources",
+        "react",
+        15,
+        NO_RATE_LIMIT,
+        "",
+        rules,
+    ) else {
+        return;
+    };
+    let Setup { net, gateway, .. } = &setup;
+    let [a, b, c, _] = net.client_v4.octets();
+    let sources: Vec<Ipv4Addr> = (0..SOURCES)
+        .map(|i| Ipv4Addr::new(a, b, c, 100 + i))
+        .collect();
+    for source in &sources {
+        net.client.ip(&[
+            "addr",
+            "add",
+            &format!("{source}/24"),
+            "dev",
+            &net.client_if,
+        ]);
+    }
+    let mut times = Vec::new();
+    for source in &sources {
+        for _ in 0..2 {
+            assert_eq!(http(net, Some((*source).into()), "/login", None), Some(401));
+        }
+        assert_eq!(http(net, Some((*source).into()), "/login", None), Some(401));
+        let t0 = Instant::now();
+        let took = reaction_time_from(net, *source, t0).unwrap_or_else(|| {
+            panic!(
+                "{source} was not dropped within 300 ms:\n{}",
+                gateway.log_text()
+            )
+        });
+        times.push(took);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let p99 = times[(times.len() * 99).div_ceil(100) - 1];
+    eprintln!(
+        "ban reaction time over {} bans (3rd 401 received -> first dropped probe, probes every 100 µs): median {median:?}, p99 {p99:?}, max {:?}",
+        times.len(),
+        times[times.len() - 1]
+    );
+}
+
 #[test]
 fn a_second_offence_is_banned_longer() {
     let rules = "[[abuse.rules]]\nname = \"scanner\"\nclasses = [\"not_found\"]\n\

@@ -77,6 +77,11 @@ impl Daemon {
 
     /// Starts the daemon with `extra` (whole TOML tables) in its config.
     fn start_with(test: &str, extra: &str) -> Daemon {
+        Daemon::start_with_routes(test, extra, "")
+    }
+
+    /// Starts the daemon with `extra` tables and `route_extra` in every route.
+    fn start_with_routes(test: &str, extra: &str, route_extra: &str) -> Daemon {
         let instance = format!("reload-{test}-{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("gateway-{instance}"));
         let _ = fs::remove_dir_all(&dir);
@@ -100,7 +105,7 @@ impl Daemon {
             _upstream: upstream_process,
         };
         let _ = remove_pins(&daemon.pin_dir());
-        daemon.write_config(&["a"], extra);
+        daemon.write_config_with(&["a"], extra, route_extra);
         let log = fs::File::create(daemon.dir.join("daemon.log")).expect("creating the log");
         let child = Command::new(gateway_bin())
             .arg("run")
@@ -144,6 +149,11 @@ impl Daemon {
 
     /// A config routing `/<name>` for each of `routes` to the demo upstream, plus `extra` TOML.
     fn write_config(&self, routes: &[&str], extra: &str) {
+        self.write_config_with(routes, extra, "");
+    }
+
+    /// Like [`Daemon::write_config`], with `route_extra` (keys and sub-tables) in every route.
+    fn write_config_with(&self, routes: &[&str], extra: &str, route_extra: &str) {
         let names: Vec<String> = routes.iter().map(|r| format!("\"{r}\"")).collect();
         let mut text = format!(
             "instance = \"{instance}\"\n\
@@ -168,7 +178,7 @@ impl Daemon {
         );
         for route in routes {
             text.push_str(&format!(
-                "[[routes]]\nname = \"{route}\"\npath_prefix = \"/{route}\"\nupstream = \"demo\"\n"
+                "[[routes]]\nname = \"{route}\"\npath_prefix = \"/{route}\"\nupstream = \"demo\"\n{route_extra}\n"
             ));
         }
         // Written whole and renamed, so the file watcher never sees half a file.
@@ -479,4 +489,101 @@ fn api_keys_authenticate_and_identity_reaches_the_upstream() {
 
     let (status, _) = daemon.curl("/a/x", &["X-Api-Key: gw_0000000000000000_nope"]);
     assert_eq!(status, 401);
+}
+
+#[test]
+fn rate_limits_then_recovery_and_cors_preflights() {
+    if !require_root("rate_limits_then_recovery_and_cors_preflights") {
+        return;
+    }
+    let daemon = Daemon::start_with_routes(
+        "ratecors",
+        "",
+        "cors = { allow_origins = [\"https://app.example\"], allow_methods = [\"GET\"], allow_headers = [\"content-type\"], max_age = \"10m\" }\n\
+         [[routes.rate_limits]]\nkey = \"source\"\nrate = \"2/s\"\nburst = 3\n",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(daemon.curl("/a/x", &[]).0);
+    }
+    assert_eq!(
+        &statuses[..3],
+        [200, 200, 200],
+        "the burst passes: {statuses:?}"
+    );
+    assert!(statuses[3..].contains(&429), "then 429: {statuses:?}");
+
+    let output = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--max-time", "5"])
+        .arg(format!("http://{}/a/x", daemon.listen))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&output.stdout).to_ascii_lowercase();
+    if head.starts_with("http/1.1 429") {
+        assert!(head.contains("retry-after:"), "{head}");
+        assert!(head.contains("ratelimit-policy:"), "{head}");
+    }
+    // 2/s refills one request every half second.
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        daemon.curl("/a/x", &[]).0,
+        200,
+        "recovered after the refill"
+    );
+
+    // A preflight from the allowed origin is answered by the gateway, no upstream involved.
+    thread::sleep(Duration::from_millis(1600));
+    let preflight = Command::new("curl")
+        .args([
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "-X",
+            "OPTIONS",
+        ])
+        .args([
+            "-H",
+            "Origin: https://app.example",
+            "-H",
+            "Access-Control-Request-Method: GET",
+        ])
+        .arg(format!("http://{}/a/x", daemon.listen))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&preflight.stdout).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let evil = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-X",
+            "OPTIONS",
+        ])
+        .args([
+            "-H",
+            "Origin: https://evil.example",
+            "-H",
+            "Access-Control-Request-Method: GET",
+        ])
+        .arg(format!("http://{}/a/x", daemon.listen))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&evil.stdout),
+        "403",
+        "a foreign origin is refused"
+    );
 }

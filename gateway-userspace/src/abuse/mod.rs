@@ -24,6 +24,7 @@ use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use self::{
+    audit::AuditRecord,
     detector::{Detector, Verdict},
     verdicts::{Counts, Enforcer, Executed, Executor},
 };
@@ -59,17 +60,22 @@ impl AbuseLoop {
                 .build(),
         );
         let executor = Arc::new(executor);
+        // Two threads: one enforces verdicts as they come, the other writes offences and audit
+        // lines (fsyncs), so a slow disk never delays the next ban.
+        let (records, written) = mpsc::channel::<AuditRecord>();
         let worker_denied = Arc::clone(&denied);
         let worker_executor = Arc::clone(&executor);
         std::thread::Builder::new()
             .name("abuse-verdicts".to_owned())
             .spawn(move || {
                 for verdict in receiver {
-                    match worker_executor.execute(&verdict, enforcer.as_ref(), SystemTime::now()) {
-                        Ok(Executed::DeniedAtL7 { ttl, .. }) => {
-                            worker_denied.insert(verdict.key, Instant::now() + ttl);
+                    match worker_executor.enforce(&verdict, enforcer.as_ref(), SystemTime::now()) {
+                        Ok((outcome, record)) => {
+                            if let Executed::DeniedAtL7 { ttl, .. } = outcome {
+                                worker_denied.insert(verdict.key, Instant::now() + ttl);
+                            }
+                            let _ = records.send(record);
                         }
-                        Ok(_) => {}
                         Err(error) => tracing::error!(
                             error = %crate::lists::error_chain(&error),
                             "executing an abuse verdict failed"
@@ -78,6 +84,20 @@ impl AbuseLoop {
                 }
             })
             .expect("spawning the verdict thread");
+        let writer_executor = Arc::clone(&executor);
+        std::thread::Builder::new()
+            .name("abuse-audit".to_owned())
+            .spawn(move || {
+                for record in written {
+                    if let Err(error) = writer_executor.record(&record) {
+                        tracing::error!(
+                            error = %crate::lists::error_chain(&error),
+                            "recording an abuse verdict failed"
+                        );
+                    }
+                }
+            })
+            .expect("spawning the audit thread");
         let mut prefix_lengths: Vec<(u8, u8)> = config
             .rules
             .iter()

@@ -47,12 +47,10 @@ pub enum Executed {
 pub enum ExecuteError {
     #[error("banning `{key}` failed: {message}")]
     Ban { key: Cidr, message: String },
-    #[error("recording the offence of `{key}` failed")]
-    Offences {
-        key: Cidr,
-        #[source]
-        source: crate::lists::state::StateError,
-    },
+    #[error(
+        "writing the offence records failed (the ban is in place; its escalation may not survive a restart)"
+    )]
+    Offences(#[source] crate::lists::state::StateError),
     #[error("writing the audit log failed (the ban itself is in place)")]
     Audit(#[source] std::io::Error),
 }
@@ -86,12 +84,26 @@ impl Executor {
         }
     }
 
+    /// Carries a verdict out and audits it, disk writes included.
     pub fn execute(
         &self,
         verdict: &Verdict,
         enforcer: &dyn Enforcer,
         now: SystemTime,
     ) -> Result<Executed, ExecuteError> {
+        let (outcome, record) = self.enforce(verdict, enforcer, now)?;
+        self.record(&record)?;
+        Ok(outcome)
+    }
+
+    /// Carries a verdict out without touching the disk; [`Executor::record`] then writes the
+    /// offence and the audit line. Split so that a slow disk never delays the next ban.
+    pub fn enforce(
+        &self,
+        verdict: &Verdict,
+        enforcer: &dyn Enforcer,
+        now: SystemTime,
+    ) -> Result<(Executed, AuditRecord), ExecuteError> {
         let key = verdict.key;
         let now_unix_ms = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -126,10 +138,6 @@ impl Executor {
                 self.counts.banned.fetch_add(1, Ordering::Relaxed);
                 Executed::Banned { ttl, offence }
             };
-            // Written once the ban is in place: the disk must not delay the drop.
-            offences
-                .persist()
-                .map_err(|source| ExecuteError::Offences { key, source })?;
             (outcome, ttl, offence)
         };
         drop(offences);
@@ -153,11 +161,6 @@ impl Executor {
             ttl_secs: ttl.as_secs(),
             offence,
         };
-        self.audit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append(&record)
-            .map_err(ExecuteError::Audit)?;
         match outcome {
             Executed::Protected => tracing::warn!(
                 source = %key, rule = %verdict.rule,
@@ -177,7 +180,20 @@ impl Executor {
                 );
             }
         }
-        Ok(outcome)
+        Ok((outcome, record))
+    }
+
+    /// Writes the offence records and the audit line of an enforced verdict.
+    pub fn record(&self, record: &AuditRecord) -> Result<(), ExecuteError> {
+        if matches!(record.enforcement, "xdp" | "l7") {
+            let offences = self.offences.lock().unwrap_or_else(|p| p.into_inner());
+            offences.persist().map_err(ExecuteError::Offences)?;
+        }
+        self.audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(record)
+            .map_err(ExecuteError::Audit)
     }
 }
 

@@ -39,6 +39,8 @@ pub struct CedarPolicies {
     policies: PolicySet,
     schema: Schema,
     authorizer: Authorizer,
+    /// The schema's action entities (and their groups), built once: every request needs them.
+    actions: Entities,
     principal_type: EntityTypeName,
     route_type: EntityTypeName,
     action_type: EntityTypeName,
@@ -112,9 +114,16 @@ impl CedarPolicies {
         let name = |n: &str| {
             EntityTypeName::from_str(n).map_err(|e| invalid("authz.cedar_schema", e.to_string()))
         };
+        let actions = schema.action_entities().map_err(|error| {
+            invalid(
+                "authz.cedar_schema",
+                format!("`{}`: {error}", schema_path.display()),
+            )
+        })?;
         let cedar = CedarPolicies {
             policies,
             schema,
+            actions,
             authorizer: Authorizer::new(),
             principal_type: name("Gateway::Principal")?,
             route_type: name("Gateway::Route")?,
@@ -286,10 +295,12 @@ impl CedarPolicies {
                 )
             }),
         )?;
-        Ok(Entities::from_entities(
-            [principal, route],
-            Some(&self.schema),
-        )?)
+        // Still checked against the schema: a claim or parameter can never reach a policy in a
+        // shape the validator did not type-check.
+        Ok(self
+            .actions
+            .clone()
+            .add_entities([principal, route], Some(&self.schema))?)
     }
 
     fn request(
@@ -509,6 +520,41 @@ mod tests {
                 .is_err(),
             "order 0 is locked"
         );
+    }
+
+    #[test]
+    fn routes_get_their_rules_from_the_config_file() {
+        let toml = format!(
+            "[authz]\ncedar_schema = {:?}\ncedar_policies = [{:?}]\n\n[[routes]]\nname = \"orders\"\nupstream = \"u\"\n[routes.authz]\nscopes = {{ all_of = [\"orders:read\"] }}\ncedar = true\n\n[[routes]]\nname = \"open\"\nupstream = \"u\"\n\n[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\"]\n",
+            testdata("gateway.cedarschema").display().to_string(),
+            testdata("orders.cedar").display().to_string(),
+        );
+        let config = crate::config::Config::parse(&toml).unwrap_or_else(|e| panic!("{e}"));
+        let authorizer =
+            crate::authz::Authorizer::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            authorizer.route("open").is_none(),
+            "no authz table, no phase"
+        );
+        let orders = authorizer.route("orders").expect("orders has rules");
+        let get = http::Method::GET;
+        let reader = identity(
+            "alice",
+            &["orders:read"],
+            &[],
+            serde_json::json!({"tenant": "acme"}),
+        );
+        let decision = orders
+            .authorize(Some(&reader), &facts("orders", &get, &[]))
+            .unwrap_or_else(|e| panic!("scope held and a policy permits: {e}"));
+        assert_eq!(decision.policies(), ["orders-read"]);
+        // The route rule decides first: no Cedar policy is named.
+        let nobody = identity("bob", &[], &[], serde_json::json!({"tenant": "acme"}));
+        let denied = orders
+            .authorize(Some(&nobody), &facts("orders", &get, &[]))
+            .expect_err("scope missing");
+        assert_eq!(denied.reason(), "missing_scope");
+        assert!(denied.policies().is_empty(), "{denied:?}");
     }
 
     #[test]

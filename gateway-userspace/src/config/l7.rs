@@ -205,7 +205,8 @@ pub struct UpstreamConfig {
     /// Default `round_robin`.
     #[serde(default)]
     pub balance: Balance,
-    /// Time allowed to open a TCP connection to an endpoint; then 502. Default 2 s.
+    /// Time allowed to open a TCP connection to an endpoint (and, with `tls`, as long again
+    /// for the handshake); then 502. Default 2 s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How long an idle pooled connection is kept for reuse. Default 90 s.

@@ -36,6 +36,9 @@ pub(crate) struct AccessRecord {
     pub(crate) started: Instant,
     pub(crate) request_id: String,
     pub(crate) peer: SocketAddr,
+    /// The client the request acts for: the peer, or behind a trusted proxy the address it
+    /// forwarded. Rate limits and abuse detection key on it.
+    pub(crate) client: std::net::IpAddr,
     pub(crate) listener: Arc<str>,
     pub(crate) tls_version: Option<&'static str>,
     pub(crate) alpn: Option<&'static str>,
@@ -65,6 +68,7 @@ impl AccessRecord {
             target: "access",
             request_id = %self.request_id,
             source = %self.peer,
+            client = %self.client,
             listener = %self.listener,
             tls_version = self.tls_version,
             alpn = self.alpn,

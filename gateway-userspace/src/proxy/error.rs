@@ -43,6 +43,11 @@ pub enum ProxyError {
     Denied,
     #[error("the request is not authenticated")]
     Unauthenticated(#[source] crate::auth::AuthError),
+    /// Carries the `Retry-After` and `RateLimit*` headers for the 429.
+    #[error("the route's rate limit is exceeded")]
+    RateLimited(http::HeaderMap),
+    #[error("the CORS preflight is refused: {0}")]
+    CorsRefused(&'static str),
     #[error("upstream `{upstream}` has no available endpoint")]
     NoEndpoint { upstream: String },
     #[error("connecting to the upstream failed")]
@@ -70,6 +75,7 @@ impl ProxyError {
                 ErrorSource::Internal
             }
             ProxyError::Unauthenticated(_) => ErrorSource::Client,
+            ProxyError::RateLimited(_) | ProxyError::CorsRefused(_) => ErrorSource::Client,
             ProxyError::NoEndpoint { .. }
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed(_)
@@ -87,6 +93,8 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Denied => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(error) => error.status(),
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::CorsRefused(_) => StatusCode::FORBIDDEN,
             ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
@@ -110,6 +118,8 @@ impl ProxyError {
                 "auth-unavailable"
             }
             ProxyError::Unauthenticated(_) => "unauthenticated",
+            ProxyError::RateLimited(_) => "rate-limited",
+            ProxyError::CorsRefused(_) => "cors-refused",
             ProxyError::NoEndpoint { .. } => "no-endpoint",
             ProxyError::UpstreamConnect(_) => "upstream-unreachable",
             ProxyError::UpstreamFailed(_) => "upstream-failed",
@@ -132,6 +142,8 @@ impl ProxyError {
                 "Service unavailable"
             }
             ProxyError::Unauthenticated(_) => "Unauthorized",
+            ProxyError::RateLimited(_) => "Too many requests",
+            ProxyError::CorsRefused(_) => "Forbidden",
             ProxyError::NoEndpoint { .. } => "Service unavailable",
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => "Bad gateway",
             ProxyError::UpstreamTimeout(_) => "Gateway timeout",

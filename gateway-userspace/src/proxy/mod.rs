@@ -104,7 +104,7 @@ pub fn start(config: &Config, services: Services) -> Result<Option<L7>, StartErr
         return Ok(None);
     }
     let shared = Arc::new(Shared::new(
-        Pipeline::new(config, services.clone())?,
+        Pipeline::new(config, services.clone(), None)?,
         &config.http,
         services,
         config.listeners.iter().map(|l| l.name.clone()).collect(),
@@ -112,6 +112,19 @@ pub fn start(config: &Config, services: Services) -> Result<Option<L7>, StartErr
     let (shutdown, watcher) = watch::channel(false);
     let mut listeners = JoinSet::new();
     let mut background = JoinSet::new();
+    // Idle rate-limit keys are evicted now and then, so their memory stays bounded.
+    let evicting = Arc::clone(&shared);
+    background.spawn(async move {
+        let mut ticker = tokio::time::interval(crate::ratelimit::EVICT_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let pipeline = evicting.pipeline.load_full();
+            if !pipeline.rate_limits().is_empty() {
+                let _ =
+                    tokio::task::spawn_blocking(move || pipeline.rate_limits().evict_idle()).await;
+            }
+        }
+    });
     let mut addresses = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
         let address = listener.socket_addr(&format!("listeners[{index}]"))?;
@@ -211,7 +224,11 @@ impl Reloader {
         }
         Ok(Prepared {
             shared: Arc::clone(&self.shared),
-            pipeline: Pipeline::new(config, self.shared.services.clone())?,
+            pipeline: Pipeline::new(
+                config,
+                self.shared.services.clone(),
+                Some(&self.shared.pipeline.load()),
+            )?,
         })
     }
 }

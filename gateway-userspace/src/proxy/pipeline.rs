@@ -7,7 +7,9 @@ use std::{
     time::Instant,
 };
 
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 
@@ -26,6 +28,8 @@ use super::{
 use crate::{
     abuse::{Outcome, OutcomeClass},
     auth::{AuthMethod, Identity, Method},
+    cors::{self, CorsPolicies, PreflightOutcome},
+    ratelimit::{KeyMaterial, RateLimits},
 };
 use crate::{
     cidr::Cidr,
@@ -65,6 +69,8 @@ pub(crate) struct Pipeline {
     limits: HttpConfig,
     strip_response_headers: Vec<HeaderName>,
     services: Services,
+    rate_limits: RateLimits,
+    cors: CorsPolicies,
     /// Credentials each route accepts (by route name); empty: anonymous.
     route_auth: HashMap<String, Vec<Method>>,
     identity_headers: IdentityHeaders,
@@ -79,7 +85,13 @@ struct IdentityHeaders {
 }
 
 impl Pipeline {
-    pub(crate) fn new(config: &Config, services: Services) -> Result<Pipeline, ConfigError> {
+    /// Builds the pipeline of a validated config. `previous`, the pipeline it replaces on a
+    /// reload, lends its rate-limit budgets to limits that did not change.
+    pub(crate) fn new(
+        config: &Config,
+        services: Services,
+        previous: Option<&Pipeline>,
+    ) -> Result<Pipeline, ConfigError> {
         let names = &config.auth.identity_headers;
         // Validation checked the names.
         let header = |name: &str| {
@@ -126,8 +138,15 @@ impl Pipeline {
                 method: header(&names.method),
                 forward_jwt: names.forward_jwt,
             },
+            rate_limits: RateLimits::new(&config.routes, previous.map(|p| &p.rate_limits))?,
+            cors: CorsPolicies::new(&config.routes)?,
             services,
         })
+    }
+
+    /// The rate limits, for the idle-key eviction task.
+    pub(crate) fn rate_limits(&self) -> &RateLimits {
+        &self.rate_limits
     }
 
     /// Serves one request: runs the phases, turns any failure into its response, applies the
@@ -144,6 +163,7 @@ impl Pipeline {
             started: Instant::now(),
             request_id: request_id.as_str().to_owned(),
             peer: conn.peer,
+            client: conn.peer.ip(),
             listener: Arc::clone(&listener.name),
             tls_version: conn.tls_version,
             alpn: conn.alpn,
@@ -173,6 +193,12 @@ impl Pipeline {
         // it forwards (such a client cannot be dropped in the kernel, so it is denied here).
         let (client, behind_proxy) =
             forwarded_client(conn.peer.ip(), &listener.trusted_proxies, request.headers());
+        record.client = client;
+        // CORS decorates whatever response this request gets, so its `Origin` is kept aside.
+        let mut cors_request = HeaderMap::new();
+        if let Some(origin) = request.headers().get(header::ORIGIN) {
+            cors_request.insert(header::ORIGIN, origin.clone());
+        }
         let denied = behind_proxy
             && self
                 .services
@@ -208,11 +234,18 @@ impl Pipeline {
                     );
                 }
                 record.error = Some(error.slug());
-                error_response(&error, &request_id)
+                let mut response = error_response(&error, &request_id);
+                if let ProxyError::RateLimited(headers) = error {
+                    response.headers_mut().extend(headers);
+                }
+                response
             }
         };
 
         // Phase 10, response filters: on every response, the gateway's own included.
+        if let Some(cors) = record.route.as_deref().and_then(|r| self.cors.route(r)) {
+            cors.decorate(&cors_request, response.headers_mut());
+        }
         for name in &self.strip_response_headers {
             response.headers_mut().remove(name);
         }
@@ -273,6 +306,9 @@ impl Pipeline {
             return redirect_to_https(&request, port);
         }
         let path = normalize_path(request.uri().path()).map_err(ProxyError::BadPath)?;
+        // A CORS preflight is matched as the request it announces, so a route limited to GET
+        // and POST still answers its preflights.
+        let preflight = cors::preflight_method(request.method(), request.headers());
         let route = self
             .routes
             .find(
@@ -280,12 +316,28 @@ impl Pipeline {
                 &RequestView {
                     host: record.host.as_deref(),
                     path: &path,
-                    method: request.method(),
+                    method: preflight.as_ref().unwrap_or(request.method()),
                     headers: request.headers(),
                 },
             )
             .ok_or(ProxyError::NoRoute)?;
         record.route = Some(route.name.clone());
+        // Preflights carry no credentials: answered here, before authentication.
+        if let Some(cors) = self.cors.route(&route.name) {
+            match cors.preflight(request.headers(), request.method()) {
+                PreflightOutcome::Allowed(headers) => {
+                    let mut response =
+                        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    *response.headers_mut() = headers;
+                    return Ok(response);
+                }
+                PreflightOutcome::Refused(refusal) => {
+                    return Err(ProxyError::CorsRefused(refusal.reason()));
+                }
+                PreflightOutcome::NotPreflight => {}
+            }
+        }
 
         // Phase 5, authenticate. Identity headers are the gateway's to set: whatever the
         // client sent under their names goes, on every route.
@@ -299,14 +351,30 @@ impl Pipeline {
             record.identity = Some(identity.principal.clone());
         }
 
-        // Phases 6 to 8 (authorize → validate → rate-limit) go here, in that order, each
-        // returning `Result<_, ProxyError>` and reading `identity`.
+        // Phases 6 and 7 (authorize → validate) go here, in that order, each returning
+        // `Result<_, ProxyError>` and reading `identity`.
+
+        // Phase 8, rate-limit: keyed by the verified identity or API key, else the client.
+        let limited = self
+            .rate_limits
+            .route(&route.name)
+            .map(|limits| limits.check(&KeyMaterial::new(record.client, identity.as_ref())));
+        if let Some(outcome) = &limited
+            && !outcome.allowed()
+        {
+            return Err(ProxyError::RateLimited(outcome.headers().clone()));
+        }
 
         // Phase 9, upstream.
-        self.forward(
-            conn, listener, request, route, &path, request_id, record, in_flight,
-        )
-        .await
+        let mut response = self
+            .forward(
+                conn, listener, request, route, &path, request_id, record, in_flight,
+            )
+            .await?;
+        if let Some(outcome) = limited {
+            outcome.apply_headers(response.headers_mut());
+        }
+        Ok(response)
     }
 
     /// Phase 5: verifies the route's credentials and tells the upstream who the client is.

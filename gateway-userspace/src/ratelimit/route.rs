@@ -309,6 +309,11 @@ impl RateLimits {
         self.routes.get(route)
     }
 
+    /// Whether no route has limits: then no eviction task is needed.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// Forgets every key whose budget is full again; see [`EVICT_INTERVAL`].
     pub fn evict_idle(&self) {
         for limits in self.routes.values() {
@@ -401,6 +406,7 @@ mod tests {
             limits.route("open").is_none(),
             "a route without limits has none"
         );
+        assert!(!limits.is_empty());
         let login = limits.route("login").expect("limits on `login`");
         let client = from("203.0.113.7");
 

@@ -50,9 +50,19 @@ pub(crate) fn check_schema(
     instance: &serde_json::Value,
     what: &'static str,
 ) -> Result<(), Violation> {
-    let Some(error) = validator.iter_errors(instance).next() else {
-        return Ok(());
-    };
+    match first_error(validator, instance) {
+        None => Ok(()),
+        Some((pointer, rule)) => Err(Violation::schema(what, format!("#{pointer}"), rule)),
+    }
+}
+
+/// The first failure of `validator` on `instance`: the JSON pointer of the failing value
+/// (capped in length) and the rule it broke, in words that never quote the value.
+pub(crate) fn first_error(
+    validator: &Validator,
+    instance: &serde_json::Value,
+) -> Option<(String, String)> {
+    let error = validator.iter_errors(instance).next()?;
     let mut pointer = error.instance_path().as_str().to_owned();
     if pointer.len() > MAX_POINTER_CHARS {
         let mut cut = MAX_POINTER_CHARS;
@@ -61,11 +71,7 @@ pub(crate) fn check_schema(
         }
         pointer.truncate(cut);
     }
-    Err(Violation::schema(
-        what,
-        format!("#{pointer}"),
-        describe(error.kind()),
-    ))
+    Some((pointer, describe(error.kind())))
 }
 
 /// What rule a value broke, in words that quote the schema (limits, types, declared property

@@ -17,7 +17,7 @@ use http::{HeaderMap, Method};
 use jsonschema::Validator;
 use serde_json::{Map, Value};
 
-use super::{OperationMatch, Violation, compile_schema, json::check_schema, query_pairs};
+use super::{OperationMatch, Violation, compile_schema, json::first_error, query_pairs};
 
 /// The compiled operations of one document, concrete paths before templated ones.
 #[derive(Debug)]
@@ -355,12 +355,18 @@ impl OpenApi {
             } else {
                 typed(&values[0], param.kind.as_deref())
             };
-            check_schema(schema, &value, "parameter").map_err(|violation| {
-                Violation::parameter(
-                    format!("{place} `{}` {}", param.name, violation.detail()),
+            if let Some((pointer, rule)) = first_error(schema, &value) {
+                // For arrays the pointer names the failing item (`/1`); scalars have none.
+                let item = if pointer.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (item `{pointer}`)")
+                };
+                return Err(Violation::parameter(
+                    format!("{place} `{}`{item} {rule}", param.name),
                     param.name.clone(),
-                )
-            })?;
+                ));
+            }
         }
         if let (Some(body), Some(media_type)) = (&op.body, media_type)
             && body_media(body, media_type).is_none()

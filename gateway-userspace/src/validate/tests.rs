@@ -411,10 +411,21 @@ fn openapi_parameters_are_checked() {
         .unwrap_or_else(|e| panic!("good query: {e}"));
     let v = violation(get("/orders?limit=1000"), "limit above maximum");
     assert_eq!(v.parameter_name(), Some("limit"));
+    assert_eq!(
+        v.detail(),
+        "query parameter `limit` is greater than the maximum 100"
+    );
     let v = violation(get("/orders?limit=1&limit=2"), "duplicate scalar");
     assert!(v.detail().contains("more than once"), "{v}");
-    let v = violation(get("/orders?status=lost"), "array item not in enum");
+    let v = violation(
+        get("/orders?status=open&status=lost"),
+        "array item not in enum",
+    );
     assert_eq!(v.parameter_name(), Some("status"));
+    assert_eq!(
+        v.detail(),
+        "query parameter `status` (item `/1`) is not one of the allowed values"
+    );
 }
 
 #[test]
