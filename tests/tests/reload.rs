@@ -587,3 +587,85 @@ fn rate_limits_then_recovery_and_cors_preflights() {
         "a foreign origin is refused"
     );
 }
+
+#[test]
+fn authorization_and_validation_guard_a_route() {
+    if !require_root("authorization_and_validation_guard_a_route") {
+        return;
+    }
+    let schema_dir = std::env::temp_dir().join(format!("gateway-schema-{}", std::process::id()));
+    fs::create_dir_all(&schema_dir).unwrap();
+    let schema = schema_dir.join("order.schema.json");
+    fs::write(
+        &schema,
+        r#"{"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "required": ["item", "qty"], "additionalProperties": false,
+            "properties": {"item": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}}}"#,
+    )
+    .unwrap();
+    let daemon = Daemon::start_with_routes(
+        "authzval",
+        "",
+        &format!(
+            "auth = [\"api_key\"]\n\
+             authz = {{ scopes = {{ all_of = [\"orders:write\"] }} }}\n\
+             validate = {{ methods = [\"POST\"], content_types = [\"application/json\"], json_schema = \"{}\" }}\n",
+            schema.display()
+        ),
+    );
+    let key = |scopes: &str| {
+        let created = daemon.cli(&["keys", "create", "--owner", "svc", "--scopes", scopes]);
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        format!(
+            "X-Api-Key: {}",
+            String::from_utf8_lossy(&created.stdout).trim()
+        )
+    };
+    let reader = key("orders:read");
+    let writer = key("orders:write");
+    let post = |headers: &[&str], body: &str| {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "POST",
+            "--data-binary",
+            body,
+        ]);
+        for header in headers {
+            curl.args(["-H", header]);
+        }
+        let output = curl
+            .arg(format!("http://{}/a/orders", daemon.listen))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (status.trim().parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+    let json = "Content-Type: application/json";
+    let (status, body) = post(&[&reader, json], r#"{"item":"book","qty":1}"#);
+    assert_eq!(status, 403, "scope missing: {body}");
+    let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":"many"}"#);
+    assert_eq!(status, 422, "wrong type: {body}");
+    assert!(body.contains("/qty"), "the problem names the field: {body}");
+    assert!(!body.contains("many"), "the payload is not echoed: {body}");
+    let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":1,"extra":true}"#);
+    assert_eq!(status, 422, "extra field: {body}");
+    let (status, _) = post(&[&writer, "Content-Type: text/plain"], "qty=1");
+    assert_eq!(status, 415, "wrong content type");
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    let (status, _) = post(&[&writer, json], &deep);
+    assert_eq!(status, 400, "1,000-deep nesting is refused before parsing");
+    let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":2}"#);
+    assert_eq!(status, 200, "a valid order passes: {body}");
+    let _ = fs::remove_dir_all(&schema_dir);
+}

@@ -42,8 +42,46 @@ impl BodyOutcome {
 /// The client's request body on its way upstream, never buffered. Past `limit` bytes it fails
 /// (which aborts the upstream request, so the upstream never receives the whole body) and
 /// records why in its [`BodyOutcome`], which the pipeline turns into 413.
+/// A request body on its way upstream: streamed from the client, or already read (capped)
+/// because a validation phase needed all of it.
+pub(crate) enum RequestBody {
+    Streamed(Incoming),
+    Buffered(Option<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Buffered(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
 pub(crate) struct LimitedBody {
-    inner: Incoming,
+    inner: RequestBody,
     limit: u64,
     seen: u64,
     outcome: Arc<BodyOutcome>,
@@ -52,7 +90,7 @@ pub(crate) struct LimitedBody {
 
 impl LimitedBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: RequestBody,
         limit: u64,
         outcome: Arc<BodyOutcome>,
         counted: Arc<AtomicU64>,

@@ -43,6 +43,10 @@ pub enum ProxyError {
     Denied,
     #[error("the request is not authenticated")]
     Unauthenticated(#[source] crate::auth::AuthError),
+    #[error("authorization denied the request: {0}")]
+    Forbidden(#[source] crate::authz::AuthzDenied),
+    #[error("the request does not validate: {}", .0.detail())]
+    Invalid(crate::validate::Violation),
     /// Carries the `Retry-After` and `RateLimit*` headers for the 429.
     #[error("the route's rate limit is exceeded")]
     RateLimited(http::HeaderMap),
@@ -76,6 +80,7 @@ impl ProxyError {
             }
             ProxyError::Unauthenticated(_) => ErrorSource::Client,
             ProxyError::RateLimited(_) | ProxyError::CorsRefused(_) => ErrorSource::Client,
+            ProxyError::Forbidden(_) | ProxyError::Invalid(_) => ErrorSource::Client,
             ProxyError::NoEndpoint { .. }
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed(_)
@@ -94,6 +99,8 @@ impl ProxyError {
             ProxyError::Denied => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(error) => error.status(),
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden(denied) => denied.status(),
+            ProxyError::Invalid(violation) => violation.status(),
             ProxyError::CorsRefused(_) => StatusCode::FORBIDDEN,
             ProxyError::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => {
@@ -119,6 +126,8 @@ impl ProxyError {
             }
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::RateLimited(_) => "rate-limited",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::Invalid(violation) => violation.slug(),
             ProxyError::CorsRefused(_) => "cors-refused",
             ProxyError::NoEndpoint { .. } => "no-endpoint",
             ProxyError::UpstreamConnect(_) => "upstream-unreachable",
@@ -143,6 +152,8 @@ impl ProxyError {
             }
             ProxyError::Unauthenticated(_) => "Unauthorized",
             ProxyError::RateLimited(_) => "Too many requests",
+            ProxyError::Forbidden(_) => "Forbidden",
+            ProxyError::Invalid(_) => "The request is not valid",
             ProxyError::CorsRefused(_) => "Forbidden",
             ProxyError::NoEndpoint { .. } => "Service unavailable",
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamFailed(_) => "Bad gateway",
@@ -156,12 +167,24 @@ impl ProxyError {
 /// records the slug; the pipeline logs the chain of upstream and internal failures).
 pub fn error_response(error: &ProxyError, request_id: &RequestId) -> Response<ResponseBody> {
     let status = error.status();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "type": format!("urn:gateway:problem:{}", error.slug()),
         "title": error.title(),
         "status": status.as_u16(),
         "request_id": request_id.as_str(),
     });
+    // Validation failures say what was wrong (never echoing a value), so a client can fix it;
+    // an authorization denial names its reason slug only.
+    match error {
+        ProxyError::Invalid(violation) => {
+            body["detail"] = violation.detail().into();
+            if let Some(pointer) = violation.pointer() {
+                body["pointer"] = pointer.into();
+            }
+        }
+        ProxyError::Forbidden(denied) => body["detail"] = denied.reason().into(),
+        _ => {}
+    }
     let mut response = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})
@@ -175,6 +198,14 @@ pub fn error_response(error: &ProxyError, request_id: &RequestId) -> Response<Re
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let ProxyError::Invalid(violation) = error
+        && !violation.allow().is_empty()
+    {
+        let allow: Vec<&str> = violation.allow().iter().map(http::Method::as_str).collect();
+        if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
+    }
     if matches!(
         error,
         ProxyError::BodyTooLarge | ProxyError::BadPath(_) | ProxyError::ClientBody(_)

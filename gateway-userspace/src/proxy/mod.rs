@@ -15,17 +15,25 @@
 //!             and bytes → 431                                          (pipeline.rs)
 //!  4 route ── plain listener redirecting? → 308. Path normalised (bad → 400), then the
 //!             listener's routes by host, path, method, headers; none → 404    (routing/)
-//!  5 authenticate ┐
-//!  6 authorize    │ the security work's phases; they plug in between route and upstream
-//!  7 validate     │ and fail with a `ProxyError` like every other phase
-//!  8 rate-limit   ┘
+//!             A client denied for abuse behind a trusted proxy → 403 first  (abuse/)
+//!             CORS preflights are answered here (204, or 403)                (cors/)
+//!  5 authenticate ─ the route's credentials (JWT, API key) → `Identity`, or 401; identity
+//!             headers set for the upstream, client copies and credentials removed (auth/)
+//!  6 authorize ─ scopes, roles, claims, Cedar policies → 403            (authz/)
+//!  7 validate ─ methods (405), content type (415), query, OpenAPI operation (404),
+//!             body buffered under a cap (413): JSON depth (400), JSON Schema (422) (validate/)
+//!  8 rate-limit ─ GCRA per identity, API key, source or route → 429 with `Retry-After`
+//!             and `RateLimit*` headers                                      (ratelimit/)
 //!  9 upstream  pick an endpoint (none → 503), rewrite headers (hop-by-hop out, forwarding
 //!             in, request id), stream the body under `max_body_bytes` (→ 413), wait up to
 //!             the route's `timeout` (→ 504); connect failure → 502           (upstream.rs)
-//! 10 response filters ─ hop-by-hop and configured headers stripped, request id added
-//! 11 log ──── one JSON access-log line when the response body is done    (access_log.rs)
+//! 10 response filters ─ hop-by-hop and configured headers stripped, request id added,
+//!             CORS headers, rate-limit headers
+//! 11 log ──── metrics and the abuse detector count the status when the head is ready; one
+//!             JSON access-log line when the response body is done    (access_log.rs)
 //!             │
 //!   any ProxyError ──► error_response: problem+json {type, title, status, request_id}
+//!             (+ detail and pointer for validation failures)
 //! ```
 mod access_log;
 mod body;

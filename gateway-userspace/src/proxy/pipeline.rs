@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use super::{
     BoxError, ResponseBody, Services,
     access_log::{AccessRecord, redact_target},
-    body::{BodyOutcome, Finish, LimitedBody, LoggedBody},
+    body::{BodyOutcome, Finish, LimitedBody, LoggedBody, RequestBody},
     error::{ErrorSource, ProxyError, error_response},
     headers::{
         Forwarding, RequestId, X_REQUEST_ID, forwarded_client, remove_hop_by_hop, set_forwarding,
@@ -28,8 +28,10 @@ use super::{
 use crate::{
     abuse::{Outcome, OutcomeClass},
     auth::{AuthMethod, Identity, Method},
+    authz::{Authorizer, RequestFacts, TlsFacts},
     cors::{self, CorsPolicies, PreflightOutcome},
     ratelimit::{KeyMaterial, RateLimits},
+    validate::{BodyContext, Validations, Violation},
 };
 use crate::{
     cidr::Cidr,
@@ -69,6 +71,8 @@ pub(crate) struct Pipeline {
     limits: HttpConfig,
     strip_response_headers: Vec<HeaderName>,
     services: Services,
+    authorizer: Authorizer,
+    validations: Validations,
     rate_limits: RateLimits,
     cors: CorsPolicies,
     /// Credentials each route accepts (by route name); empty: anonymous.
@@ -140,6 +144,8 @@ impl Pipeline {
             },
             rate_limits: RateLimits::new(&config.routes, previous.map(|p| &p.rate_limits))?,
             cors: CorsPolicies::new(&config.routes)?,
+            authorizer: Authorizer::from_config(config)?,
+            validations: Validations::from_config(config)?,
             services,
         })
     }
@@ -351,8 +357,59 @@ impl Pipeline {
             record.identity = Some(identity.principal.clone());
         }
 
-        // Phases 6 and 7 (authorize → validate) go here, in that order, each returning
-        // `Result<_, ProxyError>` and reading `identity`.
+        // Phase 6, authorize; phase 7, validate. The request head is checked against the
+        // route's validation first because Cedar wants the OpenAPI operation and its path
+        // parameters, but a head violation is reported only once authorization allowed the
+        // request: a client without the right does not learn what would have been valid.
+        let validation = self.validations.route(&route.name);
+        let head =
+            validation.map(|v| v.check_head(request.method(), request.uri(), request.headers()));
+        let operation = match &head {
+            Some(Ok(operation)) => operation.clone(),
+            _ => None,
+        };
+        if let Some(authz) = self.authorizer.route(&route.name) {
+            let tls = conn.tls_version.map(|version| TlsFacts {
+                version,
+                sni: record.host.as_deref(),
+                client_certificate: conn.client_cert.is_some(),
+            });
+            let path_params = operation
+                .as_ref()
+                .map_or(&[][..], |op| op.path_params.as_slice());
+            authz
+                .authorize(
+                    identity.as_ref(),
+                    &RequestFacts {
+                        route: &route.name,
+                        method: request.method(),
+                        path: &path,
+                        path_params,
+                        operation: operation.as_ref().and_then(|op| op.operation_id.as_deref()),
+                        source: record.client,
+                        time: std::time::SystemTime::now(),
+                        tls,
+                    },
+                )
+                .map_err(ProxyError::Forbidden)?;
+        }
+        if let Some(Err(violation)) = head {
+            return Err(ProxyError::Invalid(violation));
+        }
+        let mut request = request.map(RequestBody::Streamed);
+        if let Some(validation) = validation
+            && let Some(limit) = validation.body_limit(request.headers(), operation.as_ref())
+        {
+            let (parts, body) = request.into_parts();
+            let bytes = read_capped(body, limit).await?;
+            validation
+                .check_body(
+                    &bytes,
+                    &BodyContext::new(&parts.headers, operation.as_ref()),
+                )
+                .map_err(ProxyError::Invalid)?;
+            request = Request::from_parts(parts, RequestBody::Buffered(Some(bytes)));
+        }
 
         // Phase 8, rate-limit: keyed by the verified identity or API key, else the client.
         let limited = self
@@ -450,7 +507,7 @@ impl Pipeline {
         &self,
         conn: &ConnInfo,
         listener: &ListenerInfo,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         route: &Route,
         path: &str,
         request_id: &RequestId,
@@ -638,4 +695,19 @@ fn version_name(version: Version) -> &'static str {
         Version::HTTP_3 => "HTTP/3",
         _ => "unknown",
     }
+}
+
+/// Reads a whole request body for validation, refusing it past `limit` bytes.
+async fn read_capped(mut body: RequestBody, limit: u64) -> Result<bytes::Bytes, ProxyError> {
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| ProxyError::ClientBody(Box::new(error)))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() as u64 + data.len() as u64 > limit {
+                return Err(ProxyError::Invalid(Violation::body_too_large()));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes.freeze())
 }
