@@ -1449,10 +1449,17 @@ client_auth = {{ ca = "{ca}" }}
 [[listeners]]
 name = "mtls-optional"
 address = "{optional}"
-routes = ["api"]
+routes = ["api", "whoami"]
 [listeners.tls]
 self_signed = true
 client_auth = {{ ca = "{ca}", mode = "optional" }}
+
+# The certificate is the credential: its CN becomes the principal.
+[[routes]]
+name = "whoami"
+path_prefix = "/whoami"
+upstream = "app"
+auth = ["mtls"]
 "#,
         ca = files.0.join("clients-ca.crt").display(),
     );
@@ -1508,6 +1515,18 @@ client_auth = {{ ca = "{ca}", mode = "optional" }}
         refused.is_err(),
         "a rogue certificate was served: {refused:?}"
     );
+
+    // A route that authenticates by certificate: its name is the identity; none → 401.
+    let text = tls_get(optional, Some(&client), "/whoami/x")
+        .await
+        .unwrap_or_else(|e| panic!("a trusted client certificate was refused: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let line = gateway.access_line(&raw_request_id(&text)).await;
+    assert_eq!(line["identity"], "billing-service", "{line}");
+    let text = tls_get(optional, None, "/whoami/x")
+        .await
+        .unwrap_or_else(|e| panic!("the optional listener refused a client: {e}"));
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
 
     // The plain TLS listener asks for no certificate at all.
     let text = tls_get(gateway.https, None, "/api/mtls")
@@ -2106,7 +2125,19 @@ async fn http2_reset_floods_lose_their_connection_not_the_daemon() {
     /// Streams opened and cancelled at most, per flood.
     const BURST: u32 = 10_000;
     let upstream = Upstream::start().await;
-    let mut gateway = Gateway::start("rapid-reset", &upstream).await;
+    // Protocol violations are handed to the abuse detector (the loopback client is a trusted
+    // proxy here, so the verdict is logged as protected rather than enforced).
+    let mut gateway = Gateway::start_with(
+        "rapid-reset",
+        &upstream,
+        Extra {
+            toml: "[[abuse.rules]]\nname = \"h2-abuse\"\nclasses = [\"protocol_error\"]\n\
+                   threshold = 1\nwindow = \"1m\"\nban = \"1m\"\n"
+                .to_owned(),
+            ..Extra::default()
+        },
+    )
+    .await;
     let headers = get_headers();
 
     // Rapid Reset (CVE-2023-44487): the client opens a stream and cancels it at once.
@@ -2131,6 +2162,15 @@ async fn http2_reset_floods_lose_their_connection_not_the_daemon() {
         Some(ENHANCE_YOUR_CALM),
         "GOAWAY with ENHANCE_YOUR_CALM, then the close"
     );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gateway.log_text().contains("rule=h2-abuse") {
+        assert!(
+            Instant::now() < deadline,
+            "the reset flood did not reach the abuse detector:\n{}",
+            gateway.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // MadeYouReset (CVE-2025-8671): the client makes the server reset each stream, here with
     // a flow-control update that overflows the stream's window, a stream error. The streams

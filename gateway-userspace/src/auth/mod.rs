@@ -92,6 +92,9 @@ pub enum Method {
     Jwt,
     /// The configured API key header (or query parameter).
     ApiKey,
+    /// The client certificate an mTLS listener verified: its subject CN (or first SAN) is the
+    /// principal. Checked by the pipeline, which holds the connection's TLS facts.
+    Mtls,
 }
 
 /// Why a request was not authenticated. Each variant is a distinct outcome with a stable
@@ -298,6 +301,8 @@ impl Authenticator {
                         return self.keys.verify(presented);
                     }
                 }
+                // The pipeline tried the certificate before calling here.
+                Method::Mtls => {}
             }
         }
         Err(AuthError::MissingCredentials)

@@ -352,7 +352,9 @@ impl Pipeline {
         for name in [&names.principal, &names.scopes, &names.method] {
             request.headers_mut().remove(name);
         }
-        let identity = self.authenticate(route, &mut request).await?;
+        let identity = self
+            .authenticate(route, &mut request, conn.client_cert.as_ref())
+            .await?;
         if let Some(identity) = &identity {
             record.identity = Some(identity.principal.clone());
         }
@@ -440,6 +442,7 @@ impl Pipeline {
         &self,
         route: &Route,
         request: &mut Request<Incoming>,
+        client_cert: Option<&ClientCertIdentity>,
     ) -> Result<Option<Identity>, ProxyError> {
         let methods = self
             .route_auth
@@ -453,10 +456,26 @@ impl Pipeline {
                 "authentication is required but no authenticator is running".into(),
             ));
         };
-        let identity = authenticator
-            .authenticate(methods, request.headers(), request.uri().query())
-            .await
-            .map_err(ProxyError::Unauthenticated)?;
+        // A certificate the listener verified is a credential already presented: it decides
+        // when the route accepts it, as the first credential present does for the others.
+        let certificate = methods
+            .contains(&Method::Mtls)
+            .then_some(client_cert)
+            .flatten()
+            .and_then(|cert| cert.name().map(str::to_owned));
+        let identity = match certificate {
+            Some(principal) => Identity {
+                principal,
+                method: AuthMethod::Mtls,
+                scopes: Default::default(),
+                roles: Default::default(),
+                claims: Default::default(),
+            },
+            None => authenticator
+                .authenticate(methods, request.headers(), request.uri().query())
+                .await
+                .map_err(ProxyError::Unauthenticated)?,
+        };
         let names = &self.identity_headers;
         let headers = request.headers_mut();
         if !(names.forward_jwt && matches!(identity.method, AuthMethod::Jwt { .. })) {

@@ -322,6 +322,18 @@ impl Shared {
         }
     }
 
+    /// Counts a connection the client broke the protocol on against the peer.
+    fn protocol_violation(&self, peer: SocketAddr) {
+        if let Some(abuse) = &self.services.abuse {
+            abuse.observe(&Outcome {
+                source: peer.ip(),
+                behind_proxy: false,
+                class: OutcomeClass::ProtocolError,
+                count: 1,
+            });
+        }
+    }
+
     /// Counts a failed TLS handshake, in the metrics and against the peer.
     fn tls_failed(&self, index: usize, peer: SocketAddr) {
         self.services
@@ -516,7 +528,12 @@ async fn drive<I>(
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(error) = served {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
+                    if is_protocol_violation(error.as_ref()) {
+                        tracing::info!(%peer, %error, "connection closed for a protocol violation");
+                        shared.protocol_violation(peer);
+                    } else {
+                        tracing::debug!(%peer, ?error, "connection ended with an error");
+                    }
                 }
                 break;
             }
@@ -571,4 +588,36 @@ impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// Whether a connection ended because the client broke the protocol (an HTTP/1 head that does
+/// not parse, an HTTP/2 connection error such as a reset flood answered with GOAWAY) rather
+/// than by going away. h2's errors are matched by their reason names: hyper does not expose
+/// them as types.
+fn is_protocol_violation(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_parse() || e.is_parse_too_large())
+        {
+            return true;
+        }
+        // `Debug`, because h2's `Display` gives a description, not the reason's name.
+        let text = format!("{current:?}");
+        if [
+            "ENHANCE_YOUR_CALM",
+            "PROTOCOL_ERROR",
+            "FLOW_CONTROL_ERROR",
+            "FRAME_SIZE_ERROR",
+            "COMPRESSION_ERROR",
+        ]
+        .iter()
+        .any(|reason| text.contains(reason))
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
