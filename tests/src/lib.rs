@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: crafted packets ([`packet`]) and the privilege
-//! check that lets root-only tests skip, loudly, outside CI.
+//! Helpers shared by the integration tests: crafted packets ([`packet`]), network namespaces
+//! ([`netns`]), the `gateway` binary under test, and the privilege check that lets root-only
+//! tests skip, loudly, outside CI.
 pub mod netns;
 pub mod packet;
 
@@ -17,4 +18,19 @@ pub fn require_root(test: &str) -> bool {
     );
     eprintln!("SKIPPED {test}: needs root (BPF and network namespaces); CI runs it as root");
     false
+}
+
+/// The `gateway` binary under test: `GATEWAY_BIN` (as `cargo xtask test` sets it), else the
+/// workspace's debug build.
+pub fn gateway_bin() -> std::path::PathBuf {
+    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
+        path.display()
+    );
+    path
 }

@@ -22,6 +22,7 @@ use std::{
 };
 
 use gateway_tests::{
+    gateway_bin,
     netns::{Netns, VethPair, XdpAttachment},
     packet::{Frame, TPID_8021AD, TPID_8021Q},
     require_root,
@@ -45,19 +46,6 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the daemon gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn gateway_bin() -> PathBuf {
-    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
-        path.display()
-    );
-    path
-}
 
 /// What a client command printed, and its exit code.
 #[derive(Debug)]

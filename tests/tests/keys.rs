@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_tests::require_root;
+use gateway_tests::{gateway_bin, require_root};
 use gateway_userspace::{config::BPFFS_ROOT, xdp::loader::remove_pins};
 use serde_json::Value;
 
@@ -24,19 +24,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one CLI command may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn gateway_bin() -> PathBuf {
-    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
-        path.display()
-    );
-    path
-}
 
 /// What a CLI command printed, and its exit code.
 #[derive(Debug)]
@@ -256,7 +243,8 @@ fn keys_are_created_once_listed_without_secrets_revoked_and_persisted() {
         "create warns that the key is shown once: {}",
         created.stderr
     );
-    let secret = &key[key.rfind('_').map_or(0, |i| i + 1)..];
+    // `gw_<id>_<secret>`: the base64url secret may itself contain `_`.
+    let secret = key.splitn(3, '_').nth(2).unwrap_or_default();
     assert!(secret.len() > 20, "{key}");
 
     let keys = daemon.keys();

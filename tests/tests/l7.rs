@@ -36,6 +36,7 @@ use tokio::{
     net::TcpStream,
 };
 
+use gateway_tests::gateway_bin;
 use gateway_userspace::xdp::loader::remove_pins;
 
 /// What the gateway's route timeout is in these tests, and how long `/api/slow` takes.
@@ -48,19 +49,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// `http.max_connections_per_source` in these tests.
 const PER_SOURCE: usize = 24;
 const MAX_BODY: usize = 1024;
-
-fn gateway_bin() -> PathBuf {
-    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
-        path.display()
-    );
-    path
-}
 
 /// A loopback port nobody listens on right now.
 fn free_port() -> SocketAddr {

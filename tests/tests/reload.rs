@@ -16,21 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_tests::require_root;
+use gateway_tests::{gateway_bin, require_root};
 use gateway_userspace::{config::BPFFS_ROOT, xdp::loader::remove_pins};
-
-fn gateway_bin() -> PathBuf {
-    let path = std::env::var_os("GATEWAY_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gateway"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "no gateway binary at `{}`: build it with `cargo build -p gateway-userspace --bins`",
-        path.display()
-    );
-    path
-}
 
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
