@@ -31,7 +31,7 @@ use crate::{
     config::{AttachMode, Config},
     lists::{EntrySpec, Lists, Origin, error_chain, state},
     metrics::{
-        Metrics, ReloadLabels, XdpReader, XdpSnapshot,
+        AbuseCounts, Metrics, ReloadLabels, XdpReader, XdpSnapshot,
         http::{self as metrics_http, AdminHttp},
     },
     proxy::{self, Services},
@@ -387,7 +387,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             mode,
         })
         .collect();
-    let metrics = Metrics::new(xdp_reader(Arc::clone(&lists), interfaces.clone()));
+    let metrics = Metrics::new(xdp_reader(
+        Arc::clone(&lists),
+        interfaces.clone(),
+        Arc::clone(&abuse),
+    ));
 
     // The L7 gateway starts once XDP guards its ports, and stops before XDP is detached.
     let auth = Arc::new(
@@ -604,7 +608,11 @@ fn start_abuse_loop(
 }
 
 /// The kernel side of the metrics: counters, attach modes and list fill levels.
-fn xdp_reader(lists: Arc<Mutex<Lists<KernelMaps>>>, interfaces: Vec<InterfaceView>) -> XdpReader {
+fn xdp_reader(
+    lists: Arc<Mutex<Lists<KernelMaps>>>,
+    interfaces: Vec<InterfaceView>,
+    abuse: Arc<AbuseLoop>,
+) -> XdpReader {
     Arc::new(move || {
         let lists = lists.lock().unwrap_or_else(|p| p.into_inner());
         let counters = match lists.plane().counters() {
@@ -625,6 +633,19 @@ fn xdp_reader(lists: Arc<Mutex<Lists<KernelMaps>>>, interfaces: Vec<InterfaceVie
                 .map(|i| (i.name.clone(), i.mode))
                 .collect(),
             maps: lists.plane().list_fill_levels(),
+            abuse: {
+                let counts = abuse.counts();
+                let (evicted, dropped_verdicts) = abuse.losses();
+                AbuseCounts {
+                    banned: counts.banned.load(Ordering::Relaxed),
+                    denied_at_l7: counts.denied_at_l7.load(Ordering::Relaxed),
+                    would_ban: counts.would_ban.load(Ordering::Relaxed),
+                    protected: counts.protected.load(Ordering::Relaxed),
+                    tracked: abuse.tracked(),
+                    evicted,
+                    dropped_verdicts,
+                }
+            },
         })
     })
 }

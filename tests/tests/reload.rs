@@ -105,8 +105,10 @@ impl Daemon {
             .expect("starting the daemon");
         daemon.process = Some(Process(child));
         let deadline = Instant::now() + Duration::from_secs(20);
+        // The admin HTTP listener opens last: once it answers, the daemon is fully up.
         while TcpStream::connect(daemon.listen).is_err()
             || TcpStream::connect(daemon.upstream).is_err()
+            || TcpStream::connect(daemon.metrics).is_err()
         {
             let process = &mut daemon.process.as_mut().expect("just started").0;
             if let Ok(Some(status)) = process.try_wait() {
@@ -410,6 +412,8 @@ fn admin_http_serves_metrics_health_and_readiness() {
         r#"gateway_xdp_packets_total{reason="blocked_address",action="drop"} "#,
         r#"gateway_xdp_map_capacity{map="GW_BLOCK_V4"} 1200000"#,
         "gateway_active_connections",
+        r#"gateway_abuse_verdicts_total{enforcement="xdp"} 0"#,
+        "gateway_abuse_tracked_sources",
     ] {
         assert!(
             metrics.contains(expected),

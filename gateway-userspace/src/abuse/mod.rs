@@ -166,6 +166,11 @@ impl AbuseLoop {
         &self.executor.counts
     }
 
+    /// Sources counted right now.
+    pub fn tracked(&self) -> u64 {
+        self.detector.tracked()
+    }
+
     /// Counters evicted under source churn, and verdicts dropped on a full queue.
     pub fn losses(&self) -> (u64, u64) {
         (

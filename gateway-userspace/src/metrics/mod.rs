@@ -71,6 +71,23 @@ pub struct XdpSnapshot {
     pub counters: Vec<(Reason, u64, u64)>,
     pub interfaces: Vec<(String, AttachMode)>,
     pub maps: Vec<MapFill>,
+    /// What the abuse verdict loop did, which feeds the kernel's blocklist.
+    pub abuse: AbuseCounts,
+}
+
+/// Abuse verdicts by what became of them, and what the loop lost under load.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AbuseCounts {
+    pub banned: u64,
+    pub denied_at_l7: u64,
+    pub would_ban: u64,
+    pub protected: u64,
+    /// Sources counted right now.
+    pub tracked: u64,
+    /// Counters evicted under source churn.
+    pub evicted: u64,
+    /// Verdicts dropped because the queue was full.
+    pub dropped_verdicts: u64,
 }
 
 /// Reads the kernel side at scrape time; `None` when it cannot be read (logged by the reader).
@@ -276,8 +293,50 @@ impl Collector for XdpCollector {
             };
             ConstGauge::new(i64::from(map.capacity)).encode(capacity.encode_family(&labels)?)?;
         }
+        let mut verdicts = encoder.encode_descriptor(
+            "abuse_verdicts",
+            "Abuse verdicts by enforcement: xdp (banned in the kernel), l7 (denied behind a trusted proxy), dry_run, protected",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        let abuse = snapshot.abuse;
+        for (enforcement, count) in [
+            ("xdp", abuse.banned),
+            ("l7", abuse.denied_at_l7),
+            ("dry_run", abuse.would_ban),
+            ("protected", abuse.protected),
+        ] {
+            ConstCounter::new(count)
+                .encode(verdicts.encode_family(&EnforcementLabels { enforcement })?)?;
+        }
+        let tracked = encoder.encode_descriptor(
+            "abuse_tracked_sources",
+            "Sources the abuse detector counts right now",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        ConstGauge::new(i64::try_from(abuse.tracked).unwrap_or(i64::MAX)).encode(tracked)?;
+        let evicted = encoder.encode_descriptor(
+            "abuse_evicted_counters",
+            "Abuse counters evicted because too many sources were tracked (spoofed-source churn)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        ConstCounter::new(abuse.evicted).encode(evicted)?;
+        let dropped = encoder.encode_descriptor(
+            "abuse_dropped_verdicts",
+            "Abuse verdicts dropped because the verdict queue was full",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        ConstCounter::new(abuse.dropped_verdicts).encode(dropped)?;
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnforcementLabels {
+    enforcement: &'static str,
 }
 
 #[cfg(test)]
@@ -296,6 +355,11 @@ mod tests {
                 entries: 3,
                 capacity: 1_200_000,
             }],
+            abuse: AbuseCounts {
+                banned: 4,
+                evicted: 9,
+                ..AbuseCounts::default()
+            },
         }
     }
 
@@ -323,6 +387,14 @@ mod tests {
         );
         assert!(
             text.contains(r#"gateway_xdp_map_capacity{map="GW_BLOCK_V4"} 1200000"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_abuse_verdicts_total{enforcement="xdp"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_abuse_evicted_counters_total 9"),
             "{text}"
         );
     }
