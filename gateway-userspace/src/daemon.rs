@@ -458,9 +458,21 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             socket,
             AdminHttp {
                 metrics,
-                // Everything readiness needs (config loaded, XDP attached, listeners bound) is
-                // true once this point is reached; health-checked upstreams will add to it.
-                readiness: Arc::new(|| Ok(())),
+                // Config loaded, XDP attached and listeners bound hold once this point is
+                // reached; what can change is whether every upstream has a healthy endpoint.
+                readiness: {
+                    let l7 = daemon.l7.clone();
+                    Arc::new(move || {
+                        let unhealthy = l7.as_ref().map(|l7| l7.unhealthy_upstreams());
+                        match unhealthy {
+                            Some(names) if !names.is_empty() => Err(format!(
+                                "no healthy endpoint in upstream(s) {}",
+                                names.join(", ")
+                            )),
+                            _ => Ok(()),
+                        }
+                    })
+                },
                 bearer_token: config.metrics.bearer_token.as_deref().map(Arc::from),
             },
         ));

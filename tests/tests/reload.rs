@@ -660,3 +660,85 @@ fn authorization_and_validation_guard_a_route() {
     assert_eq!(status, 200, "a valid order passes: {body}");
     let _ = fs::remove_dir_all(&schema_dir);
 }
+
+#[test]
+fn health_checks_take_dead_endpoints_out_and_readiness_follows() {
+    if !require_root("health_checks_take_dead_endpoints_out_and_readiness_follows") {
+        return;
+    }
+    let daemon = Daemon::start("health");
+    let dead = format!("127.0.0.1:{}", free_port());
+    // Applied by reload: one pool with a live and a dead endpoint, and a pool of dead ones.
+    let text = format!(
+        "instance = \"{instance}\"\n\
+         state_dir = \"{dir}/state\"\n\
+         admin_socket = \"{dir}/admin.sock\"\n\
+         [metrics]\n\
+         listen = \"{metrics}\"\n\
+         [[listeners]]\n\
+         name = \"plain\"\n\
+         address = \"{listen}\"\n\
+         routes = [\"a\", \"b\"]\n\
+         [[upstreams]]\n\
+         name = \"demo\"\n\
+         endpoints = [\"{upstream}\", \"{dead}\"]\n\
+         health_check = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", unhealthy_threshold = 1 }}\n\
+         [[upstreams]]\n\
+         name = \"gone\"\n\
+         endpoints = [\"{dead}\"]\n\
+         health_check = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", unhealthy_threshold = 1 }}\n\
+         [[routes]]\n\
+         name = \"a\"\n\
+         path_prefix = \"/a\"\n\
+         upstream = \"demo\"\n\
+         [[routes]]\n\
+         name = \"b\"\n\
+         path_prefix = \"/b\"\n\
+         upstream = \"gone\"\n",
+        instance = daemon.instance,
+        dir = daemon.dir.display(),
+        metrics = daemon.metrics,
+        listen = daemon.listen,
+        upstream = daemon.upstream,
+    );
+    fs::write(daemon.config(), text).expect("writing the config");
+    let reloaded = daemon.cli(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    // Within a few probe rounds the dead endpoint is out: every request lands on the live one
+    // (without health checks, every other request would try the dead one first).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.http_get(daemon.metrics, "/readyz").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead pool never made /readyz fail"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (_, readiness) = daemon.http_get(daemon.metrics, "/readyz");
+    assert!(readiness.contains("gone"), "names the pool: {readiness}");
+    assert!(
+        !readiness.contains("demo"),
+        "the mixed pool is healthy: {readiness}"
+    );
+    let mut client = KeepAlive::connect(daemon.listen);
+    for _ in 0..20 {
+        assert_eq!(
+            client.get("/a/x"),
+            200,
+            "a request reached the dead endpoint"
+        );
+    }
+    assert_eq!(
+        daemon.status_of("/b/x"),
+        503,
+        "a pool with no healthy endpoint fails fast"
+    );
+    assert!(
+        daemon.log().contains("failed its health checks"),
+        "the ejection is logged"
+    );
+}

@@ -214,6 +214,45 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// TLS to the endpoints (re-encryption). Default: plain TCP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Active health checks: endpoints that fail them leave the rotation until they pass
+    /// again. Unset: no probing (an endpoint that refuses a connection still sits out 2 s).
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `GET <path>` on every endpoint every `interval`; a 2xx within `timeout` is a pass.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    /// Default 5 s.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Default 2 s.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Passes in a row that bring an unhealthy endpoint back. Default 2.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Failures in a row that take a healthy endpoint out. Default 3.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_healthy_threshold() -> u32 {
+    2
+}
+
+fn default_unhealthy_threshold() -> u32 {
+    3
 }
 
 /// How the gateway speaks TLS to an upstream's endpoints: whom it trusts, what it presents,
@@ -513,6 +552,24 @@ pub(super) fn validate(
             ));
         }
         upstream.endpoint_addrs(&key)?;
+        if let Some(check) = &upstream.health_check {
+            let key = format!("{key}.health_check");
+            if !check.path.starts_with('/') || http::Uri::try_from(check.path.as_str()).is_err() {
+                return Err(invalid(
+                    &format!("{key}.path"),
+                    "must be a path such as `/healthz`",
+                ));
+            }
+            if check.interval < Duration::from_millis(100) || check.timeout > check.interval {
+                return Err(invalid(
+                    &format!("{key}.interval"),
+                    "must be at least 100ms and no shorter than `timeout`",
+                ));
+            }
+            if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
+                return Err(invalid(&key, "thresholds must be at least 1"));
+            }
+        }
         if upstream.connect_timeout.is_zero() {
             return Err(invalid(
                 &format!("{key}.connect_timeout"),

@@ -23,8 +23,9 @@ use serde::Deserialize;
 use crate::cidr::Cidr;
 
 pub use self::l7::{
-    Balance, CertificateConfig, ClientAuthConfig, ClientAuthMode, HttpConfig, ListenerConfig,
-    RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig,
+    Balance, CertificateConfig, ClientAuthConfig, ClientAuthMode, HealthCheckConfig, HttpConfig,
+    ListenerConfig, RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig, UpstreamProtocol,
+    UpstreamTlsConfig,
 };
 
 /// Where pinned maps live; each instance gets its own folder below it.

@@ -120,6 +120,20 @@ pub fn start(config: &Config, services: Services) -> Result<Option<L7>, StartErr
     let (shutdown, watcher) = watch::channel(false);
     let mut listeners = JoinSet::new();
     let mut background = JoinSet::new();
+    // Active health checks: each pool probes its endpoints when its interval is due. The pools
+    // are the running pipeline's, so a reload brings its own.
+    let probing = Arc::clone(&shared);
+    background.spawn(async move {
+        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            ticker.tick().await;
+            let pipeline = probing.pipeline.load_full();
+            for pool in pipeline.upstreams().pools() {
+                let pool = Arc::clone(pool);
+                tokio::spawn(async move { pool.probe_if_due().await });
+            }
+        }
+    });
     // Idle rate-limit keys are evicted now and then, so their memory stays bounded.
     let evicting = Arc::clone(&shared);
     background.spawn(async move {
@@ -238,6 +252,21 @@ impl Reloader {
                 Some(&self.shared.pipeline.load()),
             )?,
         })
+    }
+}
+
+impl Reloader {
+    /// Upstreams without a single endpoint that passes its health checks, for `/readyz`.
+    pub fn unhealthy_upstreams(&self) -> Vec<String> {
+        let pipeline = self.shared.pipeline.load();
+        let mut names: Vec<String> = pipeline
+            .upstreams()
+            .pools()
+            .filter(|pool| !pool.has_healthy_endpoint())
+            .map(|pool| pool.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 }
 

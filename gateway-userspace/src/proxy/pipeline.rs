@@ -150,6 +150,11 @@ impl Pipeline {
         })
     }
 
+    /// The upstream pools, for the health-check task and readiness.
+    pub(crate) fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// The rate limits, for the idle-key eviction task.
     pub(crate) fn rate_limits(&self) -> &RateLimits {
         &self.rate_limits

@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,9 +20,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
 };
 
-use super::{body::LimitedBody, connect::UpstreamConnector};
+use super::{
+    body::{BodyOutcome, LimitedBody, RequestBody},
+    connect::UpstreamConnector,
+};
 use crate::{
-    config::{Balance, Config, ConfigError, UpstreamConfig, UpstreamProtocol},
+    config::{Balance, Config, ConfigError, HealthCheckConfig, UpstreamConfig, UpstreamProtocol},
     tls,
 };
 
@@ -36,6 +39,10 @@ pub(crate) struct Endpoint {
     outstanding: AtomicUsize,
     /// Milliseconds since the pool's epoch until which the endpoint is skipped.
     ejected_until_ms: AtomicU64,
+    /// Passes the active health checks (always, without them).
+    healthy: AtomicBool,
+    /// Health-check results in a row: passes while unhealthy, failures while healthy.
+    streak: AtomicU32,
 }
 
 pub(crate) struct Pool {
@@ -48,6 +55,9 @@ pub(crate) struct Pool {
     balance: Balance,
     next: AtomicUsize,
     epoch: Instant,
+    health_check: Option<HealthCheckConfig>,
+    /// Milliseconds since the epoch of the last health-check round.
+    last_probe_ms: AtomicU64,
 }
 
 /// A request in flight to one endpoint; dropping it ends the count.
@@ -93,12 +103,61 @@ impl Pool {
                         addr,
                         outstanding: AtomicUsize::new(0),
                         ejected_until_ms: AtomicU64::new(0),
+                        healthy: AtomicBool::new(true),
+                        streak: AtomicU32::new(0),
                     })
                 })
                 .collect(),
             balance: config.balance,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
+            health_check: config.health_check.clone(),
+            last_probe_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether any endpoint passes its health checks (readiness).
+    pub(crate) fn has_healthy_endpoint(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Runs a round of health checks if one is due; returns at once otherwise.
+    pub(crate) async fn probe_if_due(&self) {
+        let Some(check) = &self.health_check else {
+            return;
+        };
+        let now = self.now_ms();
+        let interval = u64::try_from(check.interval.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_probe_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < interval {
+            return;
+        }
+        self.last_probe_ms.store(now.max(1), Ordering::Relaxed);
+        for endpoint in &self.endpoints {
+            let passed = self.probe(endpoint, check).await;
+            endpoint.record_probe(passed, check, &self.name);
+        }
+    }
+
+    async fn probe(&self, endpoint: &Endpoint, check: &HealthCheckConfig) -> bool {
+        let uri = format!("{}://{}{}", self.scheme, endpoint.addr, check.path);
+        let body = LimitedBody::new(
+            RequestBody::Buffered(None),
+            0,
+            Arc::new(BodyOutcome::default()),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let Ok(request) = http::Request::get(uri)
+            .header(http::header::USER_AGENT, "gateway-health-check")
+            .body(body)
+        else {
+            return false;
+        };
+        match tokio::time::timeout(check.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => response.status().is_success(),
+            _ => false,
         }
     }
 
@@ -109,7 +168,9 @@ impl Pool {
     /// Picks an endpoint by the pool's policy among those not ejected; `None` when all are.
     pub(crate) fn pick(&self) -> Option<InFlight> {
         let now = self.now_ms();
-        let available = |e: &&Arc<Endpoint>| e.ejected_until_ms.load(Ordering::Relaxed) <= now;
+        let available = |e: &&Arc<Endpoint>| {
+            e.ejected_until_ms.load(Ordering::Relaxed) <= now && e.healthy.load(Ordering::Relaxed)
+        };
         let endpoint = match self.balance {
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -139,6 +200,32 @@ impl Pool {
             .endpoint
             .ejected_until_ms
             .store(until, Ordering::Relaxed);
+    }
+}
+
+impl Endpoint {
+    /// Counts a health-check result; `threshold` results in a row flip the endpoint.
+    fn record_probe(&self, passed: bool, check: &HealthCheckConfig, pool: &str) {
+        let healthy = self.healthy.load(Ordering::Relaxed);
+        if passed == healthy {
+            self.streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let threshold = if healthy {
+            check.unhealthy_threshold
+        } else {
+            check.healthy_threshold
+        };
+        if streak >= threshold {
+            self.healthy.store(passed, Ordering::Relaxed);
+            self.streak.store(0, Ordering::Relaxed);
+            if passed {
+                tracing::info!(upstream = pool, endpoint = %self.addr, "endpoint passes its health checks again");
+            } else {
+                tracing::warn!(upstream = pool, endpoint = %self.addr, "endpoint failed its health checks; out of the rotation");
+            }
+        }
     }
 }
 
@@ -174,6 +261,10 @@ impl Upstreams {
 
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.get(name)
+    }
+
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
     }
 }
 
@@ -212,6 +303,53 @@ mod tests {
         pool.eject(&first[0]);
         pool.eject(&first[2]);
         assert!(pool.pick().is_none(), "every endpoint ejected");
+    }
+
+    #[tokio::test]
+    async fn health_check_streaks_flip_endpoints_at_their_thresholds() {
+        let pool = pool("round_robin");
+        let check = HealthCheckConfig {
+            path: "/healthz".to_owned(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        };
+        let endpoint = &pool.endpoints[0];
+        endpoint.record_probe(false, &check, "app");
+        endpoint.record_probe(false, &check, "app");
+        assert!(
+            endpoint.healthy.load(Ordering::Relaxed),
+            "two failures are not three"
+        );
+        endpoint.record_probe(true, &check, "app");
+        endpoint.record_probe(false, &check, "app");
+        endpoint.record_probe(false, &check, "app");
+        assert!(
+            endpoint.healthy.load(Ordering::Relaxed),
+            "a pass resets the streak"
+        );
+        endpoint.record_probe(false, &check, "app");
+        assert!(
+            !endpoint.healthy.load(Ordering::Relaxed),
+            "three in a row take it out"
+        );
+        let picks: Vec<_> = (0..4).filter_map(|_| pool.pick()).collect();
+        assert!(
+            picks.iter().all(|p| p.addr() != endpoint.addr),
+            "an unhealthy endpoint is never picked"
+        );
+        drop(picks);
+        endpoint.record_probe(true, &check, "app");
+        assert!(
+            !endpoint.healthy.load(Ordering::Relaxed),
+            "one pass is not two"
+        );
+        endpoint.record_probe(true, &check, "app");
+        assert!(
+            endpoint.healthy.load(Ordering::Relaxed),
+            "two passes bring it back"
+        );
     }
 
     #[tokio::test]
