@@ -742,3 +742,83 @@ fn health_checks_take_dead_endpoints_out_and_readiness_follows() {
         "the ejection is logged"
     );
 }
+
+#[test]
+fn idempotent_requests_are_retried_on_another_endpoint_and_posts_are_not() {
+    if !require_root("idempotent_requests_are_retried_on_another_endpoint_and_posts_are_not") {
+        return;
+    }
+    let daemon = Daemon::start("retry");
+    let dead = format!("127.0.0.1:{}", free_port());
+    // The dead endpoint first: round-robin picks it for the first request.
+    let text = format!(
+        "instance = \"{instance}\"\n\
+         state_dir = \"{dir}/state\"\n\
+         admin_socket = \"{dir}/admin.sock\"\n\
+         [metrics]\n\
+         listen = \"{metrics}\"\n\
+         [[listeners]]\n\
+         name = \"plain\"\n\
+         address = \"{listen}\"\n\
+         routes = [\"a\"]\n\
+         [[upstreams]]\n\
+         name = \"demo\"\n\
+         endpoints = [\"{dead}\", \"{upstream}\"]\n\
+         [[routes]]\n\
+         name = \"a\"\n\
+         path_prefix = \"/a\"\n\
+         upstream = \"demo\"\n",
+        instance = daemon.instance,
+        dir = daemon.dir.display(),
+        metrics = daemon.metrics,
+        listen = daemon.listen,
+        upstream = daemon.upstream,
+    );
+    fs::write(daemon.config(), text).expect("writing the config");
+    let reloaded = daemon.cli(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+
+    // A POST is not idempotent: the first pick of the new pool is the dead endpoint, and the
+    // refused connection is the client's 502, never a replay.
+    let post = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-X",
+            "POST",
+        ])
+        .args(["--data-binary", "order=1"])
+        .arg(format!("http://{}/a/x", daemon.listen))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&post.stdout),
+        "502",
+        "a POST is never retried"
+    );
+    // After the ejection (2 s), GETs keep meeting the dead endpoint in turn and keep passing.
+    thread::sleep(Duration::from_millis(2100));
+    for _ in 0..4 {
+        assert_eq!(
+            daemon.curl("/a/x", &[]).0,
+            200,
+            "a GET failed instead of being retried"
+        );
+        thread::sleep(Duration::from_millis(600));
+    }
+    assert!(
+        daemon
+            .log()
+            .contains("retrying the idempotent request on another"),
+        "the retry is logged"
+    );
+}

@@ -11,7 +11,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
 };
 use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use super::{
     BoxError, ResponseBody, Services,
@@ -550,10 +550,11 @@ impl Pipeline {
         if declared.is_some_and(|length| length > route.max_body_bytes) {
             return Err(ProxyError::BodyTooLarge);
         }
-        let endpoint = pool.pick().ok_or_else(|| ProxyError::NoEndpoint {
+        let mut endpoint = pool.pick().ok_or_else(|| ProxyError::NoEndpoint {
             upstream: pool.name.clone(),
         })?;
         record.upstream = Some(endpoint.addr());
+        pool.retry_budget.deposit();
 
         // WebSocket over HTTP/1.1 only, on both sides: HTTP/2's extended CONNECT is not
         // offered to clients, and an HTTP/2 upstream has no `Upgrade`.
@@ -591,7 +592,7 @@ impl Pipeline {
         parts.uri = Uri::builder()
             .scheme(pool.scheme)
             .authority(endpoint.addr().to_string())
-            .path_and_query(target)
+            .path_and_query(target.clone())
             .build()
             .map_err(|error| ProxyError::Internal(error.into()))?;
         parts.version = match pool.protocol {
@@ -627,30 +628,71 @@ impl Pipeline {
             .headers
             .insert(X_REQUEST_ID, request_id.header_value());
 
-        let outcome = Arc::new(BodyOutcome::default());
-        let body = LimitedBody::new(
-            body,
-            route.max_body_bytes,
-            Arc::clone(&outcome),
-            Arc::clone(&record.bytes_in),
-        );
-        let sent = tokio::time::timeout(
-            route.timeout,
-            pool.client.request(Request::from_parts(parts, body)),
-        )
-        .await;
-        let mut response = match sent {
-            Ok(Ok(response)) => response,
-            _ if outcome.too_large() => return Err(ProxyError::BodyTooLarge),
-            Ok(Err(error)) if outcome.client_failed() => {
-                return Err(ProxyError::ClientBody(error.into()));
+        // A retry is safe only when the endpoint never saw the request (the connection was
+        // refused), the method is idempotent, and there is no body to replay; the pool's
+        // budget keeps retries from multiplying the load on a failing pool.
+        let replayable =
+            is_idempotent(&parts.method) && body.is_end_stream() && client_upgrade.is_none();
+        let retry_head =
+            replayable.then(|| (parts.method.clone(), parts.version, parts.headers.clone()));
+        let mut request = Request::from_parts(parts, body);
+        let mut retries = 0;
+        let mut response = loop {
+            let outcome = Arc::new(BodyOutcome::default());
+            let (parts, body) = request.into_parts();
+            let body = LimitedBody::new(
+                body,
+                route.max_body_bytes,
+                Arc::clone(&outcome),
+                Arc::clone(&record.bytes_in),
+            );
+            let sent = tokio::time::timeout(
+                route.timeout,
+                pool.client.request(Request::from_parts(parts, body)),
+            )
+            .await;
+            match sent {
+                Ok(Ok(response)) => break response,
+                _ if outcome.too_large() => return Err(ProxyError::BodyTooLarge),
+                Ok(Err(error)) if outcome.client_failed() => {
+                    return Err(ProxyError::ClientBody(error.into()));
+                }
+                Err(_elapsed) => return Err(ProxyError::UpstreamTimeout(route.timeout)),
+                Ok(Err(error)) if error.is_connect() => {
+                    pool.eject(&endpoint);
+                    let next = match &retry_head {
+                        Some(_) if retries < MAX_RETRIES && pool.retry_budget.withdraw() => {
+                            pool.pick()
+                        }
+                        _ => None,
+                    };
+                    let (Some(next), Some((method, version, headers))) = (next, &retry_head) else {
+                        return Err(ProxyError::UpstreamConnect(error.into()));
+                    };
+                    tracing::info!(
+                        request_id = request_id.as_str(),
+                        failed = %endpoint.addr(),
+                        next = %next.addr(),
+                        "endpoint refused the connection; retrying the idempotent request on another"
+                    );
+                    retries += 1;
+                    endpoint = next;
+                    record.upstream = Some(endpoint.addr());
+                    let uri = Uri::builder()
+                        .scheme(pool.scheme)
+                        .authority(endpoint.addr().to_string())
+                        .path_and_query(target.clone())
+                        .build()
+                        .map_err(|error| ProxyError::Internal(error.into()))?;
+                    let mut retry = Request::new(RequestBody::Buffered(None));
+                    *retry.method_mut() = method.clone();
+                    *retry.uri_mut() = uri;
+                    *retry.version_mut() = *version;
+                    *retry.headers_mut() = headers.clone();
+                    request = retry;
+                }
+                Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error.into())),
             }
-            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout(route.timeout)),
-            Ok(Err(error)) if error.is_connect() => {
-                pool.eject(&endpoint);
-                return Err(ProxyError::UpstreamConnect(error.into()));
-            }
-            Ok(Err(error)) => return Err(ProxyError::UpstreamFailed(error.into())),
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upgrade = match client_upgrade {
@@ -734,4 +776,20 @@ async fn read_capped(mut body: RequestBody, limit: u64) -> Result<bytes::Bytes, 
         }
     }
     Ok(bytes.freeze())
+}
+
+/// Retries of one request on other endpoints, at most.
+const MAX_RETRIES: u32 = 2;
+
+/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
 }

@@ -58,6 +58,61 @@ pub(crate) struct Pool {
     health_check: Option<HealthCheckConfig>,
     /// Milliseconds since the epoch of the last health-check round.
     last_probe_ms: AtomicU64,
+    pub(crate) retry_budget: RetryBudget,
+}
+
+/// Retries allowed to a pool: a fifth of its requests, and at least a few per second, so that a
+/// failing pool is not hit by a multiple of its load.
+pub(crate) struct RetryBudget {
+    /// Thousandths of a retry.
+    tokens: AtomicU64,
+    /// Second (since the pool's epoch) of the last per-second top-up.
+    topped_up: AtomicU64,
+    epoch: Instant,
+}
+
+/// Each request adds a fifth of a retry.
+const RETRY_PER_REQUEST: u64 = 200;
+/// Every second adds three retries.
+const RETRIES_PER_SECOND: u64 = 3_000;
+/// The budget holds at most ten retries.
+const RETRY_CAP: u64 = 10_000;
+
+impl RetryBudget {
+    fn new() -> RetryBudget {
+        RetryBudget {
+            tokens: AtomicU64::new(RETRIES_PER_SECOND),
+            topped_up: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn add(&self, amount: u64) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + amount).min(RETRY_CAP))
+            });
+    }
+
+    /// Counts a request towards the budget.
+    pub(crate) fn deposit(&self) {
+        let second = self.epoch.elapsed().as_secs();
+        let last = self.topped_up.swap(second, Ordering::Relaxed);
+        if second > last {
+            self.add(RETRIES_PER_SECOND.saturating_mul(second - last));
+        }
+        self.add(RETRY_PER_REQUEST);
+    }
+
+    /// Takes one retry from the budget; `false` when it is spent.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                t.checked_sub(1000)
+            })
+            .is_ok()
+    }
 }
 
 /// A request in flight to one endpoint; dropping it ends the count.
@@ -113,6 +168,7 @@ impl Pool {
             epoch: Instant::now(),
             health_check: config.health_check.clone(),
             last_probe_ms: AtomicU64::new(0),
+            retry_budget: RetryBudget::new(),
         }
     }
 
@@ -303,6 +359,28 @@ mod tests {
         pool.eject(&first[0]);
         pool.eject(&first[2]);
         assert!(pool.pick().is_none(), "every endpoint ejected");
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_fifth_of_requests_plus_a_floor() {
+        let budget = RetryBudget::new();
+        // The floor: three retries before any request.
+        assert!(budget.withdraw() && budget.withdraw() && budget.withdraw());
+        assert!(!budget.withdraw(), "spent");
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert!(!budget.withdraw(), "four requests earn 0.8 of a retry");
+        budget.deposit();
+        assert!(budget.withdraw(), "five earn one");
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        let mut retries = 0;
+        while budget.withdraw() {
+            retries += 1;
+        }
+        assert_eq!(retries, 10, "the budget is capped");
     }
 
     #[tokio::test]
