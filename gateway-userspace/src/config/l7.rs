@@ -218,6 +218,30 @@ pub struct UpstreamConfig {
     /// again. Unset: no probing (an endpoint that refuses a connection still sits out 2 s).
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+    /// Passive ejection: an endpoint whose answers fail this many times in a row (refused or
+    /// broken connections, timeouts, 5xx) sits out `eject_for`.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+}
+
+/// Passive ejection of endpoints that keep failing live traffic.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject an endpoint. Default 5.
+    pub consecutive_failures: u32,
+    /// How long an ejected endpoint sits out. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub eject_for: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            eject_for: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `GET <path>` on every endpoint every `interval`; a 2xx within `timeout` is a pass.
@@ -569,6 +593,12 @@ pub(super) fn validate(
             if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
                 return Err(invalid(&key, "thresholds must be at least 1"));
             }
+        }
+        if upstream.outlier.consecutive_failures == 0 || upstream.outlier.eject_for.is_zero() {
+            return Err(invalid(
+                &format!("{key}.outlier"),
+                "`consecutive_failures` and `eject_for` must be above zero",
+            ));
         }
         if upstream.connect_timeout.is_zero() {
             return Err(invalid(

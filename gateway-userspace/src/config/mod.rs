@@ -24,8 +24,8 @@ use crate::cidr::Cidr;
 
 pub use self::l7::{
     Balance, CertificateConfig, ClientAuthConfig, ClientAuthMode, HealthCheckConfig, HttpConfig,
-    ListenerConfig, RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig, UpstreamProtocol,
-    UpstreamTlsConfig,
+    ListenerConfig, OutlierConfig, RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig,
+    UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Where pinned maps live; each instance gets its own folder below it.

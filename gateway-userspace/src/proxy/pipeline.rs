@@ -651,6 +651,12 @@ impl Pipeline {
                 pool.client.request(Request::from_parts(parts, body)),
             )
             .await;
+            // Passive ejection counts every answer: 5xx and broken exchanges against the
+            // endpoint, anything else for it.
+            let failed = !matches!(&sent, Ok(Ok(response)) if !response.status().is_server_error());
+            if !outcome.too_large() && !outcome.client_failed() {
+                pool.record_outcome(&endpoint, failed);
+            }
             match sent {
                 Ok(Ok(response)) => break response,
                 _ if outcome.too_large() => return Err(ProxyError::BodyTooLarge),

@@ -25,7 +25,10 @@ use super::{
     connect::UpstreamConnector,
 };
 use crate::{
-    config::{Balance, Config, ConfigError, HealthCheckConfig, UpstreamConfig, UpstreamProtocol},
+    config::{
+        Balance, Config, ConfigError, HealthCheckConfig, OutlierConfig, UpstreamConfig,
+        UpstreamProtocol,
+    },
     tls,
 };
 
@@ -43,6 +46,8 @@ pub(crate) struct Endpoint {
     healthy: AtomicBool,
     /// Health-check results in a row: passes while unhealthy, failures while healthy.
     streak: AtomicU32,
+    /// Live requests that failed in a row (passive ejection).
+    failures: AtomicU32,
 }
 
 pub(crate) struct Pool {
@@ -59,6 +64,7 @@ pub(crate) struct Pool {
     /// Milliseconds since the epoch of the last health-check round.
     last_probe_ms: AtomicU64,
     pub(crate) retry_budget: RetryBudget,
+    outlier: OutlierConfig,
 }
 
 /// Retries allowed to a pool: a fifth of its requests, and at least a few per second, so that a
@@ -160,6 +166,7 @@ impl Pool {
                         ejected_until_ms: AtomicU64::new(0),
                         healthy: AtomicBool::new(true),
                         streak: AtomicU32::new(0),
+                        failures: AtomicU32::new(0),
                     })
                 })
                 .collect(),
@@ -169,6 +176,7 @@ impl Pool {
             health_check: config.health_check.clone(),
             last_probe_ms: AtomicU64::new(0),
             retry_budget: RetryBudget::new(),
+            outlier: config.outlier.clone(),
         }
     }
 
@@ -247,6 +255,30 @@ impl Pool {
         Some(InFlight {
             endpoint: Arc::clone(endpoint),
         })
+    }
+
+    /// Counts how a live request to an endpoint went: `outlier.consecutive_failures` failures
+    /// in a row eject it for `outlier.eject_for`; a success resets the count.
+    pub(crate) fn record_outcome(&self, in_flight: &InFlight, failed: bool) {
+        let endpoint = &in_flight.endpoint;
+        if !failed {
+            endpoint.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.outlier.consecutive_failures {
+            endpoint.failures.store(0, Ordering::Relaxed);
+            let until = self.now_ms()
+                + u64::try_from(self.outlier.eject_for.as_millis()).unwrap_or(u64::MAX);
+            endpoint.ejected_until_ms.store(until, Ordering::Relaxed);
+            tracing::warn!(
+                upstream = %self.name,
+                endpoint = %endpoint.addr,
+                failures,
+                eject_for = %humantime::format_duration(self.outlier.eject_for),
+                "endpoint ejected after failing requests in a row"
+            );
+        }
     }
 
     /// Leaves an endpoint out of the rotation for [`EJECT_FOR`] after it refused a connection.
@@ -359,6 +391,32 @@ mod tests {
         pool.eject(&first[0]);
         pool.eject(&first[2]);
         assert!(pool.pick().is_none(), "every endpoint ejected");
+    }
+
+    #[tokio::test]
+    async fn endpoints_failing_in_a_row_are_ejected() {
+        let pool = pool("round_robin");
+        let first = pool.pick().expect("an endpoint");
+        let bad = first.addr();
+        for _ in 0..4 {
+            pool.record_outcome(&first, true);
+        }
+        pool.record_outcome(&first, false);
+        for _ in 0..4 {
+            pool.record_outcome(&first, true);
+        }
+        let picks: Vec<_> = (0..4).filter_map(|_| pool.pick()).collect();
+        assert!(
+            picks.iter().any(|p| p.addr() == bad),
+            "four failures after a success are not five"
+        );
+        drop(picks);
+        pool.record_outcome(&first, true);
+        let picks: Vec<_> = (0..6).filter_map(|_| pool.pick()).collect();
+        assert!(
+            picks.iter().all(|p| p.addr() != bad),
+            "five in a row eject it"
+        );
     }
 
     #[test]
