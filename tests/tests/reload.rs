@@ -192,6 +192,30 @@ impl Daemon {
         (status.trim().parse().unwrap_or(0), body.to_owned())
     }
 
+    /// Writes a config of this daemon's paths and listener serving `routes`, followed by
+    /// `tables` (the upstreams and routes), for a test to apply with `gateway reload`.
+    fn write_with_tables(&self, routes: &[&str], tables: &str) {
+        let names: Vec<String> = routes.iter().map(|r| format!("\"{r}\"")).collect();
+        let text = format!(
+            "instance = \"{instance}\"\n\
+             state_dir = \"{dir}/state\"\n\
+             admin_socket = \"{dir}/admin.sock\"\n\
+             [metrics]\n\
+             listen = \"{metrics}\"\n\
+             [[listeners]]\n\
+             name = \"plain\"\n\
+             address = \"{listen}\"\n\
+             routes = [{names}]\n\
+             {tables}",
+            instance = self.instance,
+            dir = self.dir.display(),
+            metrics = self.metrics,
+            listen = self.listen,
+            names = names.join(", "),
+        );
+        fs::write(self.config(), text).expect("writing the config");
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(gateway_bin())
             .arg("--socket")
@@ -669,39 +693,17 @@ fn health_checks_take_dead_endpoints_out_and_readiness_follows() {
     let daemon = Daemon::start("health");
     let dead = format!("127.0.0.1:{}", free_port());
     // Applied by reload: one pool with a live and a dead endpoint, and a pool of dead ones.
-    let text = format!(
-        "instance = \"{instance}\"\n\
-         state_dir = \"{dir}/state\"\n\
-         admin_socket = \"{dir}/admin.sock\"\n\
-         [metrics]\n\
-         listen = \"{metrics}\"\n\
-         [[listeners]]\n\
-         name = \"plain\"\n\
-         address = \"{listen}\"\n\
-         routes = [\"a\", \"b\"]\n\
-         [[upstreams]]\n\
-         name = \"demo\"\n\
-         endpoints = [\"{upstream}\", \"{dead}\"]\n\
-         health_check = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", unhealthy_threshold = 1 }}\n\
-         [[upstreams]]\n\
-         name = \"gone\"\n\
-         endpoints = [\"{dead}\"]\n\
-         health_check = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", unhealthy_threshold = 1 }}\n\
-         [[routes]]\n\
-         name = \"a\"\n\
-         path_prefix = \"/a\"\n\
-         upstream = \"demo\"\n\
-         [[routes]]\n\
-         name = \"b\"\n\
-         path_prefix = \"/b\"\n\
-         upstream = \"gone\"\n",
-        instance = daemon.instance,
-        dir = daemon.dir.display(),
-        metrics = daemon.metrics,
-        listen = daemon.listen,
-        upstream = daemon.upstream,
+    let check = "health_check = { path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", unhealthy_threshold = 1 }";
+    daemon.write_with_tables(
+        &["a", "b"],
+        &format!(
+            "[[upstreams]]\nname = \"demo\"\nendpoints = [\"{upstream}\", \"{dead}\"]\n{check}\n\
+             [[upstreams]]\nname = \"gone\"\nendpoints = [\"{dead}\"]\n{check}\n\
+             [[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"demo\"\n\
+             [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstream = \"gone\"\n",
+            upstream = daemon.upstream,
+        ),
     );
-    fs::write(daemon.config(), text).expect("writing the config");
     let reloaded = daemon.cli(&["reload"]);
     assert!(
         reloaded.status.success(),
@@ -751,30 +753,14 @@ fn idempotent_requests_are_retried_on_another_endpoint_and_posts_are_not() {
     let daemon = Daemon::start("retry");
     let dead = format!("127.0.0.1:{}", free_port());
     // The dead endpoint first: round-robin picks it for the first request.
-    let text = format!(
-        "instance = \"{instance}\"\n\
-         state_dir = \"{dir}/state\"\n\
-         admin_socket = \"{dir}/admin.sock\"\n\
-         [metrics]\n\
-         listen = \"{metrics}\"\n\
-         [[listeners]]\n\
-         name = \"plain\"\n\
-         address = \"{listen}\"\n\
-         routes = [\"a\"]\n\
-         [[upstreams]]\n\
-         name = \"demo\"\n\
-         endpoints = [\"{dead}\", \"{upstream}\"]\n\
-         [[routes]]\n\
-         name = \"a\"\n\
-         path_prefix = \"/a\"\n\
-         upstream = \"demo\"\n",
-        instance = daemon.instance,
-        dir = daemon.dir.display(),
-        metrics = daemon.metrics,
-        listen = daemon.listen,
-        upstream = daemon.upstream,
+    daemon.write_with_tables(
+        &["a"],
+        &format!(
+            "[[upstreams]]\nname = \"demo\"\nendpoints = [\"{dead}\", \"{upstream}\"]\n\
+             [[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"demo\"\n",
+            upstream = daemon.upstream,
+        ),
     );
-    fs::write(daemon.config(), text).expect("writing the config");
     let reloaded = daemon.cli(&["reload"]);
     assert!(
         reloaded.status.success(),

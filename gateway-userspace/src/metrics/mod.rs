@@ -309,27 +309,33 @@ impl Collector for XdpCollector {
             ConstCounter::new(count)
                 .encode(verdicts.encode_family(&EnforcementLabels { enforcement })?)?;
         }
-        let tracked = encoder.encode_descriptor(
+        let tracked = ConstGauge::new(i64::try_from(abuse.tracked).unwrap_or(i64::MAX));
+        tracked.encode(encoder.encode_descriptor(
             "abuse_tracked_sources",
             "Sources the abuse detector counts right now",
             None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        ConstGauge::new(i64::try_from(abuse.tracked).unwrap_or(i64::MAX)).encode(tracked)?;
-        let evicted = encoder.encode_descriptor(
-            "abuse_evicted_counters",
-            "Abuse counters evicted because too many sources were tracked (spoofed-source churn)",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        ConstCounter::new(abuse.evicted).encode(evicted)?;
-        let dropped = encoder.encode_descriptor(
-            "abuse_dropped_verdicts",
-            "Abuse verdicts dropped because the verdict queue was full",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        ConstCounter::new(abuse.dropped_verdicts).encode(dropped)?;
+            tracked.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "abuse_evicted_counters",
+                "Abuse counters evicted because too many sources were tracked (spoofed-source churn)",
+                abuse.evicted,
+            ),
+            (
+                "abuse_dropped_verdicts",
+                "Abuse verdicts dropped because the verdict queue was full",
+                abuse.dropped_verdicts,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
         Ok(())
     }
 }
