@@ -408,6 +408,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         },
     )
     .context("starting the L7 gateway")?;
+    if let Some(l7) = &l7 {
+        let reloader = l7.reloader.clone();
+        metrics.read_upstreams_with(Arc::new(move || reloader.endpoint_states()));
+    }
 
     let listener = server::bind(&config.admin_socket())?;
     let daemon = Arc::new(Daemon {

@@ -1367,6 +1367,16 @@ fn client_config(alpn: &[u8], client: Option<&Leaf>) -> Arc<rustls::ClientConfig
 /// there was none (the handshake or the connection ended first). With TLS 1.3 a client sees
 /// its certificate refused only after its handshake finished, at the first read.
 async fn tls_get(addr: SocketAddr, client: Option<&Leaf>, path: &str) -> Result<String, String> {
+    tls_get_with(addr, client, path, "").await
+}
+
+/// [`tls_get`] with `extra_headers` (`Name: value\r\n` lines) in the request.
+async fn tls_get_with(
+    addr: SocketAddr,
+    client: Option<&Leaf>,
+    path: &str,
+    extra_headers: &str,
+) -> Result<String, String> {
     let connector = tokio_rustls::TlsConnector::from(client_config(b"http/1.1", client));
     let tcp = TcpStream::connect(addr).await.expect("connecting");
     let name = ServerName::try_from("api.test").expect("a server name");
@@ -1376,8 +1386,10 @@ async fn tls_get(addr: SocketAddr, client: Option<&Leaf>, path: &str) -> Result<
         .map_err(|e| format!("handshake: {e}"))?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n{extra_headers}\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .map_err(|e| format!("writing: {e}"))?;
@@ -1521,6 +1533,115 @@ auth = ["mtls"]
         .await
         .unwrap_or_else(|e| panic!("the public listener refused a client: {e}"));
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[tokio::test]
+async fn basic_auth_checks_argon2_hashes_on_tls_listeners() {
+    if !gateway_tests::require_root("basic_auth_checks_argon2_hashes_on_tls_listeners") {
+        return;
+    }
+    use std::io::Write as _;
+    let files = TempDir::new("basic");
+    let users = files.0.join("basic-users");
+    // The users file line comes from the CLI, as an operator would make it.
+    let mut hashing = std::process::Command::new(gateway_bin())
+        .args(["hash-password", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running `gateway hash-password`");
+    hashing
+        .stdin
+        .take()
+        .expect("its stdin")
+        .write_all(b"correct horse\n")
+        .expect("writing the password");
+    let output = hashing.wait_with_output().expect("its output");
+    assert!(output.status.success(), "hash-password failed");
+    let line = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(line.starts_with("alice:$argon2id$"), "{line}");
+    fs::write(&users, line.trim_end().to_owned() + ":orders:read\n").expect("users file");
+
+    let legacy = free_port();
+    let toml = format!(
+        r#"
+[[listeners]]
+name = "legacy"
+address = "{legacy}"
+routes = ["legacy"]
+[listeners.tls]
+self_signed = true
+
+[[routes]]
+name = "legacy"
+path_prefix = "/legacy/"
+upstream = "app"
+auth = ["basic"]
+
+[auth.basic]
+users_file = "{users}"
+realm = "orders"
+"#,
+        users = users.display(),
+    );
+    let upstream = Upstream::start().await;
+    let _gateway = Gateway::start_with(
+        "basic",
+        &upstream,
+        Extra {
+            toml,
+            listeners: vec![legacy],
+            ..Extra::default()
+        },
+    )
+    .await;
+    let basic = |user_password: &str| {
+        use base64::Engine as _;
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    };
+
+    let text = tls_get_with(
+        legacy,
+        None,
+        "/legacy/orders",
+        &basic("alice:correct horse"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the right password was refused: {e}"));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-authenticated-principal"], "alice");
+    assert_eq!(seen.headers["x-authenticated-method"], "basic");
+    assert_eq!(seen.headers["x-authenticated-scopes"], "orders:read");
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "the password stops at the gateway"
+    );
+
+    let hits = upstream.hits();
+    for (who, headers) in [
+        ("a wrong password", basic("alice:wrong")),
+        ("an unknown user", basic("mallory:correct horse")),
+        ("no credentials", String::new()),
+    ] {
+        let text = tls_get_with(legacy, None, "/legacy/orders", &headers)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert!(text.starts_with("HTTP/1.1 401"), "{who}: {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("www-authenticate: basic realm=\"orders\", charset=\"utf-8\""),
+            "{who}: a 401 names the scheme and realm: {text}"
+        );
+    }
+    assert_eq!(
+        upstream.hits(),
+        hits,
+        "refused requests never reach the upstream"
+    );
 }
 
 /// A TLS acceptor for a test upstream serving `leaf`, offering `h2` and `http/1.1`, and

@@ -438,6 +438,8 @@ fn admin_http_serves_metrics_health_and_readiness() {
         "gateway_active_connections",
         r#"gateway_abuse_verdicts_total{enforcement="xdp"} 0"#,
         "gateway_abuse_tracked_sources",
+        "gateway_upstream_endpoint_healthy{upstream=",
+        "gateway_upstream_endpoint_ejections_total{upstream=",
     ] {
         assert!(
             metrics.contains(expected),
@@ -504,6 +506,18 @@ fn api_keys_authenticate_and_identity_reaches_the_upstream() {
 
     let (status, _) = daemon.curl("/a/x", &["X-Api-Key: gw_0000000000000000_nope"]);
     assert_eq!(status, 401);
+
+    // Each refusal is counted with its reason.
+    let (_, metrics) = daemon.http_get(daemon.metrics, "/metrics");
+    for expected in [
+        r#"gateway_policy_rejections_total{route="a",phase="authenticate",reason="missing_credentials"} 1"#,
+        r#"gateway_policy_rejections_total{route="a",phase="authenticate",reason="malformed_credentials"} 1"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing `{expected}` in:\n{metrics}"
+        );
+    }
 }
 
 #[test]

@@ -16,6 +16,10 @@
 //!   rotation does not cause an outage and random `kid`s cannot hammer the issuer. A failed
 //!   refresh keeps the last good keys until they are older than `max_key_age`; failures are
 //!   logged and counted.
+//! - **Verified tokens are remembered.** A client sends the same token with every request, and
+//!   an RSA or ECDSA check costs hundreds of microseconds, so a verified token's identity is kept
+//!   (by the token's SHA-256) as long as the key set that verified it is current. Each reuse
+//!   checks the claims again (`exp`, `nbf` ...), so an expired token fails on time.
 use std::{
     collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
@@ -36,6 +40,7 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{AuthError, AuthMethod, Clock, Identity, VerifiedToken, elapsed};
@@ -165,9 +170,21 @@ pub struct IssuerStats {
     pub loaded_unix_ms: Option<u64>,
 }
 
+/// Verified tokens remembered at most, unless configured otherwise.
+const DEFAULT_VERIFIED_CAPACITY: u64 = 10_000;
+
 /// Verifies bearer tokens of every configured issuer.
 pub struct JwtVerifier {
     issuers: HashMap<String, Arc<Issuer>>,
+    /// By the token's SHA-256: its identity and the key set that verified it. `None`: every
+    /// token is verified in full.
+    verified: Option<moka::sync::Cache<[u8; 32], Arc<Remembered>>>,
+}
+
+/// A verified token's identity, and the key set that verified it.
+struct Remembered {
+    identity: Identity,
+    keys: Arc<KeySet>,
 }
 
 /// The token header fields this module reads. Everything else (`jku`, `x5u`, `jwk`, `x5c` ...)
@@ -202,7 +219,16 @@ impl JwtVerifier {
             }
             issuers.insert(config.issuer.clone(), issuer);
         }
-        Ok(JwtVerifier { issuers })
+        Ok(JwtVerifier {
+            issuers,
+            verified: Some(moka::sync::Cache::new(DEFAULT_VERIFIED_CAPACITY)),
+        })
+    }
+
+    /// Remembers up to `capacity` verified tokens (0: none, every token is verified in full).
+    pub fn remembering(mut self, capacity: u64) -> JwtVerifier {
+        self.verified = (capacity > 0).then(|| moka::sync::Cache::new(capacity));
+        self
     }
 
     /// Re-reads every issuer's keys at its `refresh_interval` (sooner after a failure). Runs
@@ -241,8 +267,43 @@ impl JwtVerifier {
         stats
     }
 
-    /// Verifies a bearer token: header, issuer, algorithm, key, signature, then claims.
+    /// Verifies a bearer token: header, issuer, algorithm, key, signature, then claims. A token
+    /// verified before, with its issuer's keys unchanged since, needs its claims checked only.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(malformed("longer than 16 KiB"));
+        }
+        let Some(verified) = &self.verified else {
+            return self.verify_uncached(token).await;
+        };
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(cached) = verified.get(&digest) {
+            let Remembered { identity, keys } = &*cached;
+            if let AuthMethod::Jwt { issuer, .. } = &identity.method
+                && let Some(issuer) = self.issuers.get(issuer)
+                && Arc::ptr_eq(keys, &issuer.current())
+                && issuer.usable(keys)
+            {
+                issuer.check_claims(&identity.claims)?;
+                return Ok(identity.clone());
+            }
+            verified.invalidate(&digest);
+        }
+        let identity = self.verify_uncached(token).await?;
+        if let AuthMethod::Jwt { issuer, .. } = &identity.method
+            && let Some(issuer) = self.issuers.get(issuer)
+        {
+            let keys = issuer.current();
+            let remembered = Remembered {
+                identity: identity.clone(),
+                keys,
+            };
+            verified.insert(digest, Arc::new(remembered));
+        }
+        Ok(identity)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(malformed("longer than 16 KiB"));
         }
@@ -1096,6 +1157,10 @@ mod tests {
             .verify(&token)
             .await
             .expect("valid within the 30 s leeway");
+        // The second check was answered from the verified tokens; it must still expire on time.
+        let verified = verifier.verified.as_ref().expect("on by default");
+        verified.run_pending_tasks();
+        assert_eq!(verified.entry_count(), 1);
         clock.advance(Duration::from_secs(1));
         assert_eq!(reason(&verifier, &token).await, "token_expired");
 

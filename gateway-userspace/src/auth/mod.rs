@@ -5,11 +5,13 @@
 //!   refreshed in the background, refetched once on an unknown `kid`).
 //! - [`apikeys`]: API keys, stored as hashes with owner, scopes and expiry; created and revoked
 //!   at runtime through the admin API.
+//! - [`basic`]: HTTP Basic against Argon2 hashes, for legacy clients, on TLS listeners only.
 //!
 //! A route names the [`Method`]s it accepts, in order. The first method whose credential is
 //! present decides: a bad bearer token is not retried as an API key, so one failed credential
 //! never turns into another method's success.
 pub mod apikeys;
+pub mod basic;
 pub mod jwt;
 
 use std::{
@@ -22,7 +24,7 @@ use std::{
 use http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use self::{apikeys::KeyStore, jwt::JwtVerifier};
+use self::{apikeys::KeyStore, basic::BasicUsers, jwt::JwtVerifier};
 use crate::config::auth::AuthConfig;
 
 /// Who a request acts for, once authenticated.
@@ -54,6 +56,8 @@ pub enum AuthMethod {
     },
     /// A client certificate verified by the TLS layer.
     Mtls,
+    /// A user and password (HTTP Basic) from the users file.
+    Basic,
 }
 
 impl AuthMethod {
@@ -63,6 +67,7 @@ impl AuthMethod {
             AuthMethod::Jwt { .. } => "jwt",
             AuthMethod::ApiKey { .. } => "api_key",
             AuthMethod::Mtls => "mtls",
+            AuthMethod::Basic => "basic",
         }
     }
 }
@@ -95,6 +100,9 @@ pub enum Method {
     /// The client certificate an mTLS listener verified: its subject CN (or first SAN) is the
     /// principal. Checked by the pipeline, which holds the connection's TLS facts.
     Mtls,
+    /// `Authorization: Basic` against `auth.basic.users_file`. Legacy: only on routes that
+    /// every listener serves over TLS.
+    Basic,
 }
 
 /// Why a request was not authenticated. Each variant is a distinct outcome with a stable
@@ -138,6 +146,8 @@ pub enum AuthError {
     RevokedApiKey(apikeys::KeyId),
     #[error("API key `{0}` expired")]
     ExpiredApiKey(apikeys::KeyId),
+    #[error("Basic credentials: unknown user or wrong password")]
+    BadPassword,
 }
 
 impl AuthError {
@@ -160,6 +170,7 @@ impl AuthError {
             AuthError::UnknownApiKey => "unknown_api_key",
             AuthError::RevokedApiKey(_) => "revoked_api_key",
             AuthError::ExpiredApiKey(_) => "expired_api_key",
+            AuthError::BadPassword => "bad_password",
         }
     }
 
@@ -207,6 +218,8 @@ pub enum SetupError {
     Keys(#[from] apikeys::KeyStoreError),
     #[error("`auth.api_keys.header` is not a valid HTTP header name")]
     ApiKeyHeader,
+    #[error(transparent)]
+    Basic(#[from] basic::BasicError),
 }
 
 /// Where API keys are presented.
@@ -221,6 +234,7 @@ pub struct Authenticator {
     jwt: Option<Arc<JwtVerifier>>,
     keys: Arc<KeyStore>,
     key_location: ApiKeyLocation,
+    basic: Option<BasicUsers>,
 }
 
 impl Authenticator {
@@ -234,7 +248,11 @@ impl Authenticator {
         let jwt = if config.jwt.is_empty() {
             None
         } else {
-            Some(Arc::new(JwtVerifier::new(&config.jwt, clock).await?))
+            Some(Arc::new(
+                JwtVerifier::new(&config.jwt, clock)
+                    .await?
+                    .remembering(config.verified_token_cache),
+            ))
         };
         Ok(Authenticator {
             jwt,
@@ -244,12 +262,28 @@ impl Authenticator {
                     .map_err(|_| SetupError::ApiKeyHeader)?,
                 query_param: config.api_keys.query_param.clone(),
             },
+            basic: match &config.basic.users_file {
+                Some(path) => Some(BasicUsers::load(path, &config.basic.realm)?),
+                None => None,
+            },
         })
     }
 
     /// Removes the API key header, so the credential does not travel on to the upstream.
     pub fn strip_api_key(&self, headers: &mut HeaderMap) {
         headers.remove(&self.key_location.header);
+    }
+
+    /// The `WWW-Authenticate` challenges of a 401 on a route accepting `methods`, in order.
+    pub fn challenges(&self, methods: &[Method]) -> Vec<http::HeaderValue> {
+        methods
+            .iter()
+            .filter_map(|method| match method {
+                Method::Jwt => Some(http::HeaderValue::from_static("Bearer")),
+                Method::Basic => self.basic.as_ref().and_then(BasicUsers::challenge),
+                Method::ApiKey | Method::Mtls => None,
+            })
+            .collect()
     }
 
     /// The JWT verifier, to run its background refresh ([`JwtVerifier::refresh_forever`]) and
@@ -292,8 +326,14 @@ impl Authenticator {
             match method {
                 Method::Jwt => {
                     let Some(verifier) = &self.jwt else { continue };
-                    if let Some(token) = bearer_token(headers)? {
+                    if let Some(token) = authorization(headers, "bearer")? {
                         return verifier.verify(token).await;
+                    }
+                }
+                Method::Basic => {
+                    let Some(users) = &self.basic else { continue };
+                    if let Some(credentials) = authorization(headers, "basic")? {
+                        return users.verify(credentials).await;
                     }
                 }
                 Method::ApiKey => {
@@ -336,8 +376,8 @@ impl Authenticator {
     }
 }
 
-/// The bearer token of the `Authorization` header, if it carries one.
-fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+/// The credentials of the `Authorization` header if it uses `scheme` (lowercase).
+fn authorization<'a>(headers: &'a HeaderMap, scheme: &str) -> Result<Option<&'a str>, AuthError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -350,18 +390,20 @@ fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     let value = value
         .to_str()
         .map_err(|_| AuthError::MalformedCredentials("Authorization header is not ASCII"))?;
-    let Some((scheme, token)) = value.split_once(' ') else {
+    let Some((presented, credentials)) = value.split_once(' ') else {
         return Ok(None);
     };
-    // The scheme is case-insensitive (RFC 9110); other schemes (Basic ...) are not ours.
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // The scheme is case-insensitive (RFC 9110); another method's scheme is not ours.
+    if !presented.eq_ignore_ascii_case(scheme) {
         return Ok(None);
     }
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(AuthError::MalformedCredentials("empty bearer token"));
+    let credentials = credentials.trim();
+    if credentials.is_empty() {
+        return Err(AuthError::MalformedCredentials(
+            "empty credentials after the Authorization scheme",
+        ));
     }
-    Ok(Some(token))
+    Ok(Some(credentials))
 }
 
 #[cfg(test)]
@@ -595,24 +637,28 @@ mod tests {
     }
 
     #[test]
-    fn bearer_scheme_is_case_insensitive_and_other_schemes_are_ignored() {
+    fn schemes_are_case_insensitive_and_other_schemes_are_ignored() {
+        let bearer = |value: &str| {
+            authorization(&headers(&[("authorization", value)]), "bearer")
+                .unwrap()
+                .map(str::to_owned)
+        };
+        assert_eq!(bearer("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(bearer("bEARER abc").as_deref(), Some("abc"));
+        assert_eq!(bearer("Basic dXNlcjpwdw=="), None);
         assert_eq!(
-            bearer_token(&headers(&[("authorization", "Bearer abc")])).unwrap(),
-            Some("abc")
-        );
-        assert_eq!(
-            bearer_token(&headers(&[("Authorization", "bearer abc")])).unwrap(),
-            Some("abc")
-        );
-        assert_eq!(
-            bearer_token(&headers(&[("authorization", "Basic dXNlcjpwdw==")])).unwrap(),
-            None
+            authorization(
+                &headers(&[("authorization", "basic dXNlcjpwdw==")]),
+                "basic"
+            )
+            .unwrap(),
+            Some("dXNlcjpwdw==")
         );
         assert!(
-            bearer_token(&headers(&[
-                ("authorization", "Bearer a"),
-                ("authorization", "Bearer b")
-            ]))
+            authorization(
+                &headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]),
+                "bearer"
+            )
             .is_err(),
             "two Authorization headers must be refused"
         );
@@ -655,6 +701,7 @@ mod tests {
             AuthError::UnknownApiKey,
             AuthError::RevokedApiKey(id.clone()),
             AuthError::ExpiredApiKey(id),
+            AuthError::BadPassword,
         ];
         let reasons: BTreeSet<_> = errors.iter().map(AuthError::reason).collect();
         assert_eq!(reasons.len(), errors.len(), "{reasons:?}");

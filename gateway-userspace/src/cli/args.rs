@@ -62,6 +62,15 @@ pub enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Hash a password for `auth.basic.users_file` (Argon2id): reads it from standard input
+    /// (without echo on a terminal) and prints the `USER:HASH` line to add to the file.
+    #[command(
+        after_help = "Examples:\n  gateway hash-password alice >> /etc/gateway/basic-users\n  printf %s \"$PASSWORD\" | gateway hash-password alice"
+    )]
+    HashPassword {
+        /// The user name (no `:`).
+        user: String,
+    },
     /// A tiny HTTP/1.1 and h2c echo server for demos: answers every request with JSON
     /// describing it (method, path, headers, body size).
     #[command(

@@ -108,10 +108,70 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
         },
         Command::Keys(command) => keys::run(|| connect(&socket), command),
         Command::Bans(command) => bans::run(|| connect(&socket), command),
+        Command::HashPassword { user } => {
+            println!("{user}:{}", hash_password(&user)?);
+            Ok(Exit::Success)
+        }
         Command::DemoUpstream(args) => {
             init_logging(false);
             demo_upstream::run(&args)?;
             Ok(Exit::Success)
+        }
+    }
+}
+
+/// Reads a password from standard input (echo off on a terminal) and hashes it.
+fn hash_password(user: &str) -> Result<String, Failure> {
+    use std::io::{BufRead as _, IsTerminal as _};
+    if user.is_empty() || user.contains(':') {
+        return Err(Failure {
+            exit: Exit::Usage,
+            error: anyhow::anyhow!("the user name must be non-empty and contain no `:`"),
+        });
+    }
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal().then(|| {
+        eprint!("password for {user}: ");
+        EchoOff::new()
+    });
+    let mut password = String::new();
+    stdin.lock().read_line(&mut password)?;
+    if terminal.is_some() {
+        eprintln!();
+    }
+    let password = password.strip_suffix('\n').unwrap_or(&password);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(anyhow::anyhow!("no password on standard input").into());
+    }
+    crate::auth::basic::hash_password(password.as_bytes())
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}").into())
+}
+
+/// Turns terminal echo off for standard input until dropped.
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        // SAFETY: termios is plain data; tcgetattr fills it or fails, and then it is unused.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 and a valid pointer to a termios.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return EchoOff(None);
+        }
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: as above.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+        EchoOff(Some(saved))
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores the settings read in `new`.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
         }
     }
 }

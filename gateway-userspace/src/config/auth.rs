@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::{ConfigError, invalid};
 
 /// How requests prove who they are.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub api_keys: ApiKeysConfig,
@@ -27,6 +27,46 @@ pub struct AuthConfig {
     /// Headers that tell the upstream who the client is. Client-supplied copies are always
     /// removed first, on every route, so they cannot be forged.
     pub identity_headers: IdentityHeadersConfig,
+    /// HTTP Basic for legacy clients (routes list `basic` in `auth`).
+    pub basic: BasicConfig,
+    /// Verified JWTs remembered, so a client's next request with the same token skips the
+    /// signature check (claims such as `exp` are still checked each time; a change of the
+    /// issuer's keys forgets them). 0 verifies every token in full. Default 10000.
+    pub verified_token_cache: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_keys: ApiKeysConfig::default(),
+            jwt: Vec::new(),
+            default_route_auth: Vec::new(),
+            identity_headers: IdentityHeadersConfig::default(),
+            basic: BasicConfig::default(),
+            verified_token_cache: 10_000,
+        }
+    }
+}
+
+/// HTTP Basic authentication. Legacy: a password in every request, so only routes served
+/// exclusively over TLS may accept it; prefer API keys or JWTs for anything new.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BasicConfig {
+    /// One `user:$argon2id$...[:scope,scope]` per line (`gateway hash-password` prints the
+    /// hash). Loaded at start. Required when any route accepts `basic`.
+    pub users_file: Option<PathBuf>,
+    /// The realm named in the `WWW-Authenticate` challenge. Default `gateway`.
+    pub realm: String,
+}
+
+impl Default for BasicConfig {
+    fn default() -> Self {
+        BasicConfig {
+            users_file: None,
+            realm: "gateway".to_owned(),
+        }
+    }
 }
 
 /// How the authenticated identity reaches the upstream.
@@ -185,6 +225,17 @@ impl JwtIssuerConfig {
 }
 
 pub(super) fn validate(auth: &AuthConfig) -> Result<(), ConfigError> {
+    if !auth
+        .basic
+        .realm
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ')
+    {
+        return Err(invalid(
+            "auth.basic.realm",
+            "use printable ASCII without quotes or backslashes",
+        ));
+    }
     let names = &auth.identity_headers;
     for (key, name) in [
         ("principal", &names.principal),
@@ -374,6 +425,40 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// A route that accepts Basic needs the users file, and every listener that serves it must
+/// be HTTPS: the password crosses the wire with every request.
+pub(super) fn validate_basic_routes(
+    auth: &AuthConfig,
+    listeners: &[super::l7::ListenerConfig],
+    routes: &[super::l7::RouteConfig],
+) -> Result<(), ConfigError> {
+    for (i, route) in routes.iter().enumerate() {
+        let methods = route.auth.as_ref().unwrap_or(&auth.default_route_auth);
+        if !methods.contains(&crate::auth::Method::Basic) {
+            continue;
+        }
+        if auth.basic.users_file.is_none() {
+            return Err(invalid(
+                &format!("routes[{i}].auth"),
+                "accepts `basic` but `auth.basic.users_file` is not set",
+            ));
+        }
+        if let Some(j) = listeners
+            .iter()
+            .position(|l| l.tls.is_none() && l.routes.contains(&route.name))
+        {
+            return Err(invalid(
+                &format!("listeners[{j}].routes"),
+                format!(
+                    "serves route `{}`, which accepts `basic`, over plain HTTP: Basic sends the password in clear; serve the route on HTTPS listeners only",
+                    route.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, ConfigError};
@@ -498,6 +583,45 @@ mod tests {
                 config.auth.jwt[0].key_source(),
                 Some(super::KeySourceConfig::JwksUrl(url))
             );
+        }
+    }
+
+    #[test]
+    fn basic_needs_a_users_file_and_tls_listeners_only() {
+        let config = |users_file: &str, tls: &str| {
+            Config::parse(&format!(
+                r#"
+                [[listeners]]
+                name = "edge"
+                address = "127.0.0.1:8443"
+                routes = ["legacy"]
+                {tls}
+                [[routes]]
+                name = "legacy"
+                upstream = "app"
+                auth = ["basic"]
+                [[upstreams]]
+                name = "app"
+                endpoints = ["127.0.0.1:8081"]
+                [auth.basic]
+                {users_file}
+                "#
+            ))
+        };
+        let tls = "[listeners.tls]\nself_signed = true";
+        let users = r#"users_file = "/etc/gateway/basic-users""#;
+        assert!(config(users, tls).is_ok());
+        for (users_file, tls, key, says) in [
+            ("", tls, "routes[0].auth", "users_file"),
+            (users, "", "listeners[0].routes", "in clear"),
+        ] {
+            match config(users_file, tls) {
+                Err(ConfigError::Invalid { key: got, message }) => {
+                    assert_eq!(got, key, "{message}");
+                    assert!(message.contains(says), "{message}");
+                }
+                other => panic!("expected `{key}` to be refused, got {other:?}"),
+            }
         }
     }
 }

@@ -305,6 +305,7 @@ impl Config {
         }
         l7::validate(&self.listeners, &self.routes, &self.upstreams, &self.http)?;
         auth::validate(&self.auth)?;
+        auth::validate_basic_routes(&self.auth, &self.listeners, &self.routes)?;
         authz::validate(&self.authz, &self.routes)?;
         abuse::validate(&self.abuse)?;
         Ok(())

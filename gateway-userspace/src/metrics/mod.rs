@@ -4,7 +4,11 @@
 //! reasons, never raw paths or addresses. [`http`] serves them with `/healthz` and `/readyz`.
 pub mod http;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use gateway_common::Reason;
 use prometheus_client::{
@@ -45,6 +49,15 @@ pub struct RefusedLabels {
     pub listener: String,
     /// `total_limit` or `per_source_limit`.
     pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub route: String,
+    /// The phase that refused: `authenticate`, `authorize`, `validate`, `rate_limit`, ...
+    pub phase: &'static str,
+    /// Its stable reason slug, e.g. `token_expired`, `missing_scope`, `schema`.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +106,24 @@ pub struct AbuseCounts {
 /// Reads the kernel side at scrape time; `None` when it cannot be read (logged by the reader).
 pub type XdpReader = Arc<dyn Fn() -> Option<XdpSnapshot> + Send + Sync>;
 
+/// One upstream endpoint as the proxy sees it at scrape time.
+#[derive(Clone, Debug)]
+pub struct EndpointState {
+    pub upstream: String,
+    /// `IP:PORT` from the config.
+    pub endpoint: String,
+    /// Passing its active health checks (always true without them).
+    pub healthy: bool,
+    /// Left out of the rotation for now after failures.
+    pub ejected: bool,
+    /// Times it was ejected since the running config was loaded.
+    pub ejections: u64,
+    pub in_flight: u64,
+}
+
+/// Reads the running proxy's upstream endpoints at scrape time.
+pub type UpstreamReader = Arc<dyn Fn() -> Vec<EndpointState> + Send + Sync>;
+
 /// The daemon's metrics. Cloning is cheap; every clone records into the same registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -103,6 +134,9 @@ pub struct Metrics {
     pub refused_connections: Family<RefusedLabels, Counter>,
     pub tls_handshake_failures: Family<ListenerLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub rejections: Family<RejectionLabels, Counter>,
+    /// Set once the proxy runs; the L7 daemon may have none.
+    upstreams: Arc<OnceLock<UpstreamReader>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -153,7 +187,17 @@ impl Metrics {
             "Configuration reloads, by result",
             config_reloads.clone(),
         );
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "policy_rejections",
+            "Requests refused by a policy phase, by route, phase and reason",
+            rejections.clone(),
+        );
         registry.register_collector(Box::new(XdpCollector { read: xdp }));
+        let upstreams = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(UpstreamCollector {
+            read: Arc::clone(&upstreams),
+        }));
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -162,7 +206,26 @@ impl Metrics {
             refused_connections,
             tls_handshake_failures,
             config_reloads,
+            rejections,
+            upstreams,
         }
+    }
+
+    /// Exports the proxy's upstream endpoints, read through `reader` at each scrape. Only the
+    /// first call counts: there is one proxy per daemon.
+    pub fn read_upstreams_with(&self, reader: UpstreamReader) {
+        let _ = self.upstreams.set(reader);
+    }
+
+    /// Counts a request a policy phase refused.
+    pub fn record_rejection(&self, route: Option<&str>, phase: &'static str, reason: &'static str) {
+        self.rejections
+            .get_or_create(&RejectionLabels {
+                route: route.unwrap_or("none").to_owned(),
+                phase,
+                reason,
+            })
+            .inc();
     }
 
     /// Records one answered request.
@@ -340,6 +403,71 @@ impl Collector for XdpCollector {
     }
 }
 
+/// Emits the upstream endpoints' health, ejections and load at scrape time.
+struct UpstreamCollector {
+    read: Arc<OnceLock<UpstreamReader>>,
+}
+
+impl fmt::Debug for UpstreamCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
+impl Collector for UpstreamCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(read) = self.read.get() else {
+            return Ok(());
+        };
+        let endpoints = read();
+        let labels = |e: &EndpointState| EndpointLabels {
+            upstream: e.upstream.clone(),
+            endpoint: e.endpoint.clone(),
+        };
+        for (name, help, value) in [
+            (
+                "upstream_endpoint_healthy",
+                "1 while the endpoint passes its active health checks",
+                (|e: &EndpointState| i64::from(e.healthy)) as fn(&EndpointState) -> i64,
+            ),
+            (
+                "upstream_endpoint_ejected",
+                "1 while the endpoint is ejected after failures",
+                |e| i64::from(e.ejected),
+            ),
+            (
+                "upstream_endpoint_in_flight",
+                "Requests in flight to the endpoint",
+                |e| i64::try_from(e.in_flight).unwrap_or(i64::MAX),
+            ),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for endpoint in &endpoints {
+                ConstGauge::new(value(endpoint))
+                    .encode(family.encode_family(&labels(endpoint))?)?;
+            }
+        }
+        let mut ejections = encoder.encode_descriptor(
+            "upstream_endpoint_ejections",
+            "Times the endpoint was ejected (failed requests in a row, refused connections) since the running config was loaded",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for endpoint in &endpoints {
+            ConstCounter::new(endpoint.ejections)
+                .encode(ejections.encode_family(&labels(endpoint))?)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EnforcementLabels {
     enforcement: &'static str,
@@ -432,6 +560,37 @@ mod tests {
             !text.contains("gateway_xdp_packets"),
             "no kernel snapshot, no kernel metrics"
         );
+    }
+
+    #[test]
+    fn rejections_and_upstream_endpoints_are_exported() {
+        let metrics = Metrics::new(Arc::new(|| None));
+        assert!(
+            !metrics.render().contains("upstream_endpoint"),
+            "no proxy yet"
+        );
+        metrics.record_rejection(Some("orders"), "authenticate", "token_expired");
+        metrics.record_rejection(Some("orders"), "authenticate", "token_expired");
+        metrics.read_upstreams_with(Arc::new(|| {
+            vec![EndpointState {
+                upstream: "app".to_owned(),
+                endpoint: "127.0.0.1:8081".to_owned(),
+                healthy: false,
+                ejected: true,
+                ejections: 3,
+                in_flight: 2,
+            }]
+        }));
+        let text = metrics.render();
+        for line in [
+            r#"gateway_policy_rejections_total{route="orders",phase="authenticate",reason="token_expired"} 2"#,
+            r#"gateway_upstream_endpoint_healthy{upstream="app",endpoint="127.0.0.1:8081"} 0"#,
+            r#"gateway_upstream_endpoint_ejected{upstream="app",endpoint="127.0.0.1:8081"} 1"#,
+            r#"gateway_upstream_endpoint_in_flight{upstream="app",endpoint="127.0.0.1:8081"} 2"#,
+            r#"gateway_upstream_endpoint_ejections_total{upstream="app",endpoint="127.0.0.1:8081"} 3"#,
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
     }
 
     #[test]

@@ -111,6 +111,30 @@ impl ProxyError {
         }
     }
 
+    /// For a request a policy refused: the phase that refused it and that phase's reason, for
+    /// the rejection metrics. `None` for routing and upstream failures.
+    pub fn rejection(&self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            ProxyError::BadPath(_)
+            | ProxyError::HeadersTooLarge
+            | ProxyError::UriTooLong
+            | ProxyError::BodyTooLarge
+            | ProxyError::ClientBody(_) => ("limits", self.slug()),
+            ProxyError::Denied => ("abuse", "denied"),
+            ProxyError::Unauthenticated(error) => ("authenticate", error.reason()),
+            ProxyError::Forbidden(denied) => ("authorize", denied.reason()),
+            ProxyError::Invalid(violation) => ("validate", violation.slug()),
+            ProxyError::RateLimited(_) => ("rate_limit", "limit_exceeded"),
+            ProxyError::CorsRefused(_) => ("cors", "preflight_refused"),
+            ProxyError::NoRoute
+            | ProxyError::NoEndpoint { .. }
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamFailed(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Internal(_) => return None,
+        })
+    }
+
     /// A stable, short name: the problem type's last part and the access log's `error` field.
     pub fn slug(&self) -> &'static str {
         match self {

@@ -268,6 +268,16 @@ impl Reloader {
         names.sort();
         names
     }
+
+    /// Every upstream endpoint of the running config, for the metrics.
+    pub fn endpoint_states(&self) -> Vec<crate::metrics::EndpointState> {
+        let pipeline = self.shared.pipeline.load();
+        pipeline
+            .upstreams()
+            .pools()
+            .flat_map(|pool| pool.endpoint_states())
+            .collect()
+    }
 }
 
 /// A pipeline built from a new config, ready to replace the running one.

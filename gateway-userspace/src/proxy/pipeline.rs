@@ -245,9 +245,21 @@ impl Pipeline {
                     );
                 }
                 record.error = Some(error.slug());
+                if let Some((phase, reason)) = error.rejection() {
+                    self.services
+                        .metrics
+                        .record_rejection(record.route.as_deref(), phase, reason);
+                }
                 let mut response = error_response(&error, &request_id);
                 if let ProxyError::RateLimited(headers) = error {
                     response.headers_mut().extend(headers);
+                } else if response.status() == StatusCode::UNAUTHORIZED {
+                    // RFC 9110: a 401 says how to authenticate.
+                    for challenge in self.challenges(record.route.as_deref()) {
+                        response
+                            .headers_mut()
+                            .append(header::WWW_AUTHENTICATE, challenge);
+                    }
                 }
                 response
             }
@@ -439,6 +451,18 @@ impl Pipeline {
             outcome.apply_headers(response.headers_mut());
         }
         Ok(response)
+    }
+
+    /// The `WWW-Authenticate` challenges for a 401 on `route`.
+    fn challenges(&self, route: Option<&str>) -> Vec<HeaderValue> {
+        let methods = route
+            .and_then(|route| self.route_auth.get(route))
+            .map_or(&[][..], Vec::as_slice);
+        self.services
+            .auth
+            .as_ref()
+            .map(|auth| auth.challenges(methods))
+            .unwrap_or_default()
     }
 
     /// Phase 5: verifies the route's credentials and tells the upstream who the client is.

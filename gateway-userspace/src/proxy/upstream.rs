@@ -29,6 +29,7 @@ use crate::{
         Balance, Config, ConfigError, HealthCheckConfig, OutlierConfig, UpstreamConfig,
         UpstreamProtocol,
     },
+    metrics::EndpointState,
     tls,
 };
 
@@ -48,6 +49,8 @@ pub(crate) struct Endpoint {
     streak: AtomicU32,
     /// Live requests that failed in a row (passive ejection).
     failures: AtomicU32,
+    /// Times ejected, for the metrics.
+    ejections: AtomicU64,
 }
 
 pub(crate) struct Pool {
@@ -165,6 +168,7 @@ impl Pool {
                         outstanding: AtomicUsize::new(0),
                         ejected_until_ms: AtomicU64::new(0),
                         healthy: AtomicBool::new(true),
+                        ejections: AtomicU64::new(0),
                         streak: AtomicU32::new(0),
                         failures: AtomicU32::new(0),
                     })
@@ -271,6 +275,7 @@ impl Pool {
             let until = self.now_ms()
                 + u64::try_from(self.outlier.eject_for.as_millis()).unwrap_or(u64::MAX);
             endpoint.ejected_until_ms.store(until, Ordering::Relaxed);
+            endpoint.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 upstream = %self.name,
                 endpoint = %endpoint.addr,
@@ -284,10 +289,22 @@ impl Pool {
     /// Leaves an endpoint out of the rotation for [`EJECT_FOR`] after it refused a connection.
     pub(crate) fn eject(&self, in_flight: &InFlight) {
         let until = self.now_ms() + u64::try_from(EJECT_FOR.as_millis()).unwrap_or(u64::MAX);
-        in_flight
-            .endpoint
-            .ejected_until_ms
-            .store(until, Ordering::Relaxed);
+        let endpoint = &in_flight.endpoint;
+        endpoint.ejected_until_ms.store(until, Ordering::Relaxed);
+        endpoint.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every endpoint's state, for the metrics.
+    pub(crate) fn endpoint_states(&self) -> impl Iterator<Item = EndpointState> + '_ {
+        let now = self.now_ms();
+        self.endpoints.iter().map(move |e| EndpointState {
+            upstream: self.name.clone(),
+            endpoint: e.addr.to_string(),
+            healthy: e.healthy.load(Ordering::Relaxed),
+            ejected: e.ejected_until_ms.load(Ordering::Relaxed) > now,
+            ejections: e.ejections.load(Ordering::Relaxed),
+            in_flight: e.outstanding.load(Ordering::Relaxed) as u64,
+        })
     }
 }
 
