@@ -181,8 +181,14 @@ async fn upstream_answer(
         tokio::time::sleep(SLOW_UPSTREAM).await;
     }
     let answer = serde_json::json!({ "path": parts.uri.path(), "body_bytes": body_bytes });
+    let cache_control = if parts.uri.path().contains("/cacheable") {
+        "public, max-age=60"
+    } else {
+        "no-store"
+    };
     Response::builder()
         .header("content-type", "application/json")
+        .header("cache-control", cache_control)
         .header("server", "secret-upstream/1.0")
         .header("x-powered-by", "PHP/5.0")
         .header("connection", "x-upstream-hop")
@@ -767,6 +773,77 @@ async fn unmatched_requests_get_404_and_never_reach_the_upstream() {
     );
     assert_eq!(answer.json()["request_id"], answer.request_id());
     assert_eq!(upstream.hits(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_are_served_without_the_upstream_while_fresh() {
+    if !gateway_tests::require_root("cached_answers_are_served_without_the_upstream_while_fresh") {
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start_with(
+        "cache",
+        &upstream,
+        Extra {
+            toml: "[[routes]]\nname = \"catalog\"\npath_prefix = \"/catalog/\"\nupstream = \"app\"\ncache = {}\n".to_owned(),
+            public_routes: vec!["catalog"],
+            ..Extra::default()
+        },
+    )
+    .await;
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+    let first = send(
+        stream,
+        true,
+        get("https://api.test/catalog/cacheable/1", "api.test"),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(upstream.hits(), 1);
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"http/1.1").await;
+    let again = send(
+        stream,
+        false,
+        get("https://api.test/catalog/cacheable/1", "api.test"),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(upstream.hits(), 1, "the second answer came from the cache");
+    assert!(again.headers.contains_key("age"), "{:?}", again.headers);
+    assert_eq!(again.json()["path"], "/catalog/cacheable/1");
+    assert_ne!(
+        again.request_id(),
+        first.request_id(),
+        "a cached answer still gets its own request id"
+    );
+    assert!(
+        !again.headers.contains_key("server"),
+        "response filters apply to cached answers too"
+    );
+    let line = gateway.access_line(&again.request_id()).await;
+    assert_eq!(line["cache"], "hit", "{line}");
+    assert!(line.get("upstream").is_none(), "{line}");
+
+    // A client asking for a fresh answer, and an answer the upstream marks `no-store`, go to
+    // the upstream every time.
+    let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+    let mut fresh = get("https://api.test/catalog/cacheable/1", "api.test");
+    fresh
+        .headers_mut()
+        .insert("cache-control", http::HeaderValue::from_static("no-cache"));
+    assert_eq!(send(stream, true, fresh).await.status, StatusCode::OK);
+    assert_eq!(upstream.hits(), 2);
+    for expected in [3, 4] {
+        let (stream, _) = tls_connect(gateway.https, "api.test", b"h2").await;
+        let answer = send(
+            stream,
+            true,
+            get("https://api.test/catalog/live", "api.test"),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(upstream.hits(), expected);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

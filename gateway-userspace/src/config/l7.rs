@@ -160,6 +160,31 @@ pub struct RouteConfig {
     /// (browsers then refuse cross-origin calls that need CORS).
     #[serde(default)]
     pub cors: Option<super::cors::CorsConfig>,
+    /// Serve GET and HEAD answers from memory while the upstream says they are fresh
+    /// (`Cache-Control: max-age`/`s-maxage`); on authenticated routes each identity has its own
+    /// entries. Default: off.
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
+}
+
+/// A route's response cache (`cache = {}` turns it on with these defaults).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCacheConfig {
+    /// Answers with a larger (or unknown) `Content-Length` pass through uncached. Default 1 MiB.
+    pub max_body_bytes: u64,
+    /// Caps the freshness the upstream grants. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for RouteCacheConfig {
+    fn default() -> Self {
+        RouteCacheConfig {
+            max_body_bytes: 1024 * 1024,
+            max_ttl: Duration::from_secs(300),
+        }
+    }
 }
 
 fn default_route_timeout() -> Duration {
@@ -349,6 +374,9 @@ pub struct HttpConfig {
     /// On shutdown, in-flight requests get this long to finish. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Memory for the response caches of all routes (bodies and headers); the least recently
+    /// used answers make room. Default 64 MiB.
+    pub cache_capacity_bytes: u64,
 }
 
 impl Default for HttpConfig {
@@ -364,6 +392,7 @@ impl Default for HttpConfig {
             h2_max_concurrent_streams: 100,
             strip_response_headers: vec!["server".to_owned(), "x-powered-by".to_owned()],
             shutdown_grace: Duration::from_secs(30),
+            cache_capacity_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -667,6 +696,20 @@ pub(super) fn validate(
                 &format!("{key}.timeout"),
                 "must be longer than zero",
             ));
+        }
+        if let Some(cache) = &route.cache {
+            if cache.max_ttl.is_zero() {
+                return Err(invalid(
+                    &format!("{key}.cache.max_ttl"),
+                    "must be longer than zero",
+                ));
+            }
+            if cache.max_body_bytes == 0 || cache.max_body_bytes > http.cache_capacity_bytes {
+                return Err(invalid(
+                    &format!("{key}.cache.max_body_bytes"),
+                    "must be above zero and at most `http.cache_capacity_bytes`",
+                ));
+            }
         }
         if let Some(authz) = &route.authz {
             authz.validate(&format!("{key}.authz"))?;

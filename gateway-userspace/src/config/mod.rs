@@ -24,8 +24,8 @@ use crate::cidr::Cidr;
 
 pub use self::l7::{
     Balance, CertificateConfig, ClientAuthConfig, ClientAuthMode, HealthCheckConfig, HttpConfig,
-    ListenerConfig, OutlierConfig, RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig, UpstreamConfig,
-    UpstreamProtocol, UpstreamTlsConfig,
+    ListenerConfig, OutlierConfig, RouteCacheConfig, RouteConfig, SYSTEM_CA_BUNDLE, TlsConfig,
+    UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig,
 };
 
 /// Where pinned maps live; each instance gets its own folder below it.

@@ -61,6 +61,13 @@ pub struct RejectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: String,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `ok` or `rejected`.
     pub result: &'static str,
@@ -135,6 +142,7 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<ListenerLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub rejections: Family<RejectionLabels, Counter>,
+    pub cache_lookups: Family<CacheLabels, Counter>,
     /// Set once the proxy runs; the L7 daemon may have none.
     upstreams: Arc<OnceLock<UpstreamReader>>,
 }
@@ -193,6 +201,12 @@ impl Metrics {
             "Requests refused by a policy phase, by route, phase and reason",
             rejections.clone(),
         );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Response cache lookups of the routes that cache, by result",
+            cache_lookups.clone(),
+        );
         registry.register_collector(Box::new(XdpCollector { read: xdp }));
         let upstreams = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(UpstreamCollector {
@@ -207,6 +221,7 @@ impl Metrics {
             tls_handshake_failures,
             config_reloads,
             rejections,
+            cache_lookups,
             upstreams,
         }
     }
@@ -215,6 +230,16 @@ impl Metrics {
     /// first call counts: there is one proxy per daemon.
     pub fn read_upstreams_with(&self, reader: UpstreamReader) {
         let _ = self.upstreams.set(reader);
+    }
+
+    /// Counts a response cache lookup.
+    pub fn record_cache(&self, route: &str, result: &'static str) {
+        self.cache_lookups
+            .get_or_create(&CacheLabels {
+                route: route.to_owned(),
+                result,
+            })
+            .inc();
     }
 
     /// Counts a request a policy phase refused.

@@ -52,8 +52,10 @@ pub(crate) struct AccessRecord {
     pub(crate) user_agent: Option<String>,
     pub(crate) route: Option<String>,
     pub(crate) upstream: Option<SocketAddr>,
-    /// Set by the authentication phase (a later slice) once it knows who the client is.
+    /// Set by the authentication phase once it knows who the client is.
     pub(crate) identity: Option<String>,
+    /// `hit` or `miss` on routes with a response cache.
+    pub(crate) cache: Option<&'static str>,
     pub(crate) status: u16,
     /// The problem slug when the gateway answered with an error.
     pub(crate) error: Option<&'static str>,
@@ -81,6 +83,7 @@ impl AccessRecord {
             route = self.route.as_deref(),
             upstream = self.upstream.map(tracing::field::display),
             identity = self.identity.as_deref(),
+            cache = self.cache,
             status = self.status,
             error = self.error,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),

@@ -37,6 +37,7 @@
 //! ```
 mod access_log;
 mod body;
+mod cache;
 mod connect;
 pub mod error;
 pub mod headers;

@@ -17,6 +17,7 @@ use super::{
     BoxError, ResponseBody, Services,
     access_log::{AccessRecord, redact_target},
     body::{BodyOutcome, Finish, LimitedBody, LoggedBody, RequestBody},
+    cache::{Lookup, ResponseCache},
     error::{ErrorSource, ProxyError, error_response},
     headers::{
         Forwarding, RequestId, X_REQUEST_ID, forwarded_client, remove_hop_by_hop, set_forwarding,
@@ -77,6 +78,8 @@ pub(crate) struct Pipeline {
     cors: CorsPolicies,
     /// Credentials each route accepts (by route name); empty: anonymous.
     route_auth: HashMap<String, Vec<Method>>,
+    /// Answers of the routes that cache; `None` when none does.
+    cache: Option<ResponseCache>,
     identity_headers: IdentityHeaders,
 }
 
@@ -116,6 +119,7 @@ impl Pipeline {
         Ok(Pipeline {
             listeners,
             routes: RouteTable::compile(config),
+            cache: ResponseCache::new(config),
             upstreams: Upstreams::new(config)?,
             limits: config.http.clone(),
             // Validation checked the names.
@@ -194,6 +198,7 @@ impl Pipeline {
             route: None,
             upstream: None,
             identity: None,
+            cache: None,
             status: 0,
             error: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
@@ -441,12 +446,41 @@ impl Pipeline {
             return Err(ProxyError::RateLimited(outcome.headers().clone()));
         }
 
-        // Phase 9, upstream.
-        let mut response = self
-            .forward(
-                conn, listener, request, route, &path, request_id, record, in_flight,
-            )
-            .await?;
+        // Phase 9, upstream: from the route's response cache when it holds a fresh answer.
+        let authenticated = self
+            .route_auth
+            .get(&route.name)
+            .is_some_and(|methods| !methods.is_empty());
+        let lookup = self.cache.as_ref().map_or(Lookup::Bypass, |cache| {
+            cache.lookup(&route.name, &request, authenticated, identity.as_ref())
+        });
+        let mut response = match lookup {
+            Lookup::Hit(response) => {
+                record.cache = Some("hit");
+                self.services.metrics.record_cache(&route.name, "hit");
+                response
+            }
+            Lookup::Miss(key) => {
+                record.cache = Some("miss");
+                self.services.metrics.record_cache(&route.name, "miss");
+                let (method, headers) = (request.method().clone(), request.headers().clone());
+                let response = self
+                    .forward(
+                        conn, listener, request, route, &path, request_id, record, in_flight,
+                    )
+                    .await?;
+                match &self.cache {
+                    Some(cache) => cache.store(key, &method, &headers, response).await?,
+                    None => response,
+                }
+            }
+            Lookup::Bypass => {
+                self.forward(
+                    conn, listener, request, route, &path, request_id, record, in_flight,
+                )
+                .await?
+            }
+        };
         if let Some(outcome) = limited {
             outcome.apply_headers(response.headers_mut());
         }
