@@ -121,8 +121,13 @@ pub struct RouteConfig {
     /// Matches this path and everything below it. A prefix ending in `/` matches by string
     /// prefix; one without (`/api`) matches `/api` and `/api/...` but not `/apix`.
     pub path_prefix: Option<String>,
-    /// Matches exactly this path. Either this or `path_prefix`, or neither (any path).
+    /// Matches exactly this path. At most one of `path_prefix`, `path_exact` and `path_regex`;
+    /// none matches any path.
     pub path_exact: Option<String>,
+    /// Matches paths this regular expression matches in full (`/users/[0-9]+` does not match
+    /// `/users/1/keys`), against the normalised path. Linear-time `regex` syntax: no
+    /// backreferences or look-around.
+    pub path_regex: Option<String>,
     /// Allowed methods (`GET`, `POST`, ...); any method when empty.
     #[serde(default)]
     pub methods: Vec<String>,
@@ -645,16 +650,20 @@ pub(super) fn validate(
         if let Some(host) = &route.host {
             check_host_pattern(&format!("{key}.host"), host)?;
         }
-        match (&route.path_prefix, &route.path_exact) {
-            (Some(_), Some(_)) => {
+        match (&route.path_prefix, &route.path_exact, &route.path_regex) {
+            (Some(prefix), None, None) => check_path(&format!("{key}.path_prefix"), prefix)?,
+            (None, Some(exact), None) => check_path(&format!("{key}.path_exact"), exact)?,
+            (None, None, Some(regex)) => {
+                crate::routing::compile_path_regex(regex)
+                    .map_err(|e| invalid(&format!("{key}.path_regex"), e))?;
+            }
+            (None, None, None) => {}
+            _ => {
                 return Err(invalid(
-                    &format!("{key}.path_exact"),
-                    "set `path_prefix` or `path_exact`, not both",
+                    &key,
+                    "set at most one of `path_prefix`, `path_exact` and `path_regex`",
                 ));
             }
-            (Some(prefix), None) => check_path(&format!("{key}.path_prefix"), prefix)?,
-            (None, Some(exact)) => check_path(&format!("{key}.path_exact"), exact)?,
-            (None, None) => {}
         }
         if route.strip_prefix && route.path_prefix.is_none() {
             return Err(invalid(

@@ -36,6 +36,17 @@ enum PathMatch {
     Any,
     Exact(String),
     Prefix(String),
+    /// Anchored at both ends by [`compile_path_regex`].
+    Regex(regex::Regex),
+}
+
+/// Compiles a route's `path_regex`, anchored so that it must match the whole path, with a
+/// size limit so a config cannot make the daemon build a huge automaton.
+pub fn compile_path_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("not a valid regular expression: {e}"))
 }
 
 /// What routing looks at in a request. `path` is already normalised.
@@ -55,10 +66,15 @@ impl Route {
                 Some(suffix) => HostPattern::Wildcard(suffix.to_owned()),
                 None => HostPattern::Exact(host.to_owned()),
             });
-        let path = match (&config.path_exact, &config.path_prefix) {
-            (Some(exact), _) => PathMatch::Exact(exact.clone()),
-            (None, Some(prefix)) => PathMatch::Prefix(prefix.clone()),
-            (None, None) => PathMatch::Any,
+        let path = match (&config.path_exact, &config.path_prefix, &config.path_regex) {
+            (Some(exact), _, _) => PathMatch::Exact(exact.clone()),
+            (None, Some(prefix), _) => PathMatch::Prefix(prefix.clone()),
+            // Validation compiled it; one that still failed must match nothing, not everything.
+            (None, None, Some(pattern)) => PathMatch::Regex(
+                compile_path_regex(pattern)
+                    .unwrap_or_else(|_| regex::Regex::new("[^\\s\\S]").expect("a valid regex")),
+            ),
+            (None, None, None) => PathMatch::Any,
         };
         Route {
             name: config.name.clone(),
@@ -110,6 +126,7 @@ impl Route {
         match &self.path {
             PathMatch::Any => true,
             PathMatch::Exact(exact) => path == exact,
+            PathMatch::Regex(regex) => regex.is_match(path),
             PathMatch::Prefix(prefix) if prefix.ends_with('/') => path.starts_with(prefix.as_str()),
             // Segment-wise: `/api` covers `/api` and `/api/...`, never `/apix`.
             PathMatch::Prefix(prefix) => path
@@ -194,7 +211,7 @@ mod tests {
             [[listeners]]
             name = "public"
             address = "127.0.0.1:8080"
-            routes = ["admin", "api", "exact", "wild", "any-get"]
+            routes = ["admin", "api", "exact", "wild", "users", "any-get"]
             {routes}
             "#
         );
@@ -223,6 +240,10 @@ mod tests {
         name = "wild"
         host = "*.example.com"
         path_prefix = "/static"
+        upstream = "app"
+        [[routes]]
+        name = "users"
+        path_regex = "/users/[0-9]+(/keys)?"
         upstream = "app"
         [[routes]]
         name = "any-get"
@@ -284,6 +305,34 @@ mod tests {
         assert_eq!(
             route(&table, "get.example.com", "/anything", Method::POST),
             None
+        );
+    }
+
+    #[test]
+    fn regex_paths_match_the_whole_normalised_path() {
+        let table = table(ROUTES);
+        for (path, expected) in [
+            ("/users/42", Some("users")),
+            ("/users/42/keys", Some("users")),
+            ("/users//42/./keys", Some("users")),
+            ("/users/%34%32", Some("users")),
+            ("/users/42/keys/1", None),
+            ("/v2/users/42", None),
+            ("/users/abc", None),
+        ] {
+            assert_eq!(
+                route(&table, "x.org", path, Method::GET).as_deref(),
+                expected,
+                "{path}"
+            );
+        }
+        let error = Config::parse(
+            "[[routes]]\nname = \"r\"\nupstream = \"app\"\npath_regex = \"(\"\n[[upstreams]]\nname = \"app\"\nendpoints = [\"127.0.0.1:9\"]\n",
+        )
+        .expect_err("an unbalanced group");
+        assert!(
+            error.to_string().contains("routes[0].path_regex"),
+            "{error}"
         );
     }
 
