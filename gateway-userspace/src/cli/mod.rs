@@ -113,7 +113,7 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
             Ok(Exit::Success)
         }
         Command::DemoUpstream(args) => {
-            init_logging(false);
+            let _log_writer = init_logging(false);
             demo_upstream::run(&args)?;
             Ok(Exit::Success)
         }
@@ -181,7 +181,7 @@ fn connect(socket: &Path) -> Result<AdminClient, Failure> {
 }
 
 fn run_daemon(args: RunArgs) -> Result<Exit, Failure> {
-    init_logging(args.log_json);
+    let _log_writer = init_logging(args.log_json);
     let config = Config::load(&args.config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -200,20 +200,23 @@ fn run_daemon(args: RunArgs) -> Result<Exit, Failure> {
 
 /// Daemon logs go to stderr as text (or JSON with `--log-json`); access-log lines (target
 /// `access`) always go out as flat JSON objects, one per line, for log shippers.
-fn init_logging(json: bool) {
-    use tracing_subscriber::{Layer as _, filter::filter_fn, fmt, prelude::*};
+/// Logs to standard error through a writer thread: a request's thread only queues its access
+/// line (and waits if the queue is full: access lines are never dropped). Lines still queued are
+/// written when the returned guard drops, so hold it until the process ends.
+fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::{Layer as _, fmt, prelude::*};
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("gateway-log")
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let access = fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(std::io::stderr)
-        .with_filter(filter_fn(|meta| meta.target() == "access"));
+    // Access lines are written by `proxy::access_log` itself, to the same writer; this
+    // subscriber only decides (through `filter`) whether they are wanted.
+    crate::proxy::access_log::install(writer.clone());
     let daemon = fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let daemon = if json {
         daemon.json().boxed()
     } else {
@@ -221,7 +224,7 @@ fn init_logging(json: bool) {
     };
     tracing_subscriber::registry()
         .with(filter)
-        .with(access)
-        .with(daemon.with_filter(filter_fn(|meta| meta.target() != "access")))
+        .with(daemon)
         .init();
+    guard
 }

@@ -125,33 +125,61 @@ pub fn forwarded_client(
     }
 }
 
+/// The next output of this thread's SplitMix64 generator, seeded from the OS on first use
+/// (from the clock and thread if the OS has no entropy: ids must still differ, and a missing
+/// entropy source must not fail requests).
+fn next_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut seed = [0u8; 8];
+            if getrandom::fill(&mut seed).is_err() {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let thread = std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    std::thread::current().id(),
+                );
+                seed = ((nanos as u64) ^ thread).to_le_bytes();
+            }
+            u64::from_le_bytes(seed)
+        });
+    }
+    STATE.with(|state| {
+        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(next);
+        let mut z = next;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
 /// Identifies a request in the access log, upstream and the client's error bodies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestId(String);
 
 impl RequestId {
-    /// A random UUID (version 4).
+    /// A random UUID (version 4). The bits come from a per-thread generator seeded once from
+    /// the OS: a request id must be unique, not secret, and a `getrandom` call per request is
+    /// a system call on the hot path.
     pub fn generate() -> RequestId {
         let mut bytes = [0u8; 16];
-        // Without randomness the id is still unique enough to correlate logs; a getrandom
-        // failure (no entropy source at all) must not fail the request.
-        if getrandom::fill(&mut bytes).is_err() {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            bytes = nanos.to_le_bytes();
-        }
+        bytes[..8].copy_from_slice(&next_random().to_le_bytes());
+        bytes[8..].copy_from_slice(&next_random().to_le_bytes());
         bytes[6] = (bytes[6] & 0x0f) | 0x40;
         bytes[8] = (bytes[8] & 0x3f) | 0x80;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        RequestId(format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        ))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(36);
+        for (i, byte) in bytes.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                text.push('-');
+            }
+            text.push(char::from(HEX[usize::from(byte >> 4)]));
+            text.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+        RequestId(text)
     }
 
     /// The client's `X-Request-Id` when it looks like an id (so it cannot forge log lines),

@@ -35,7 +35,7 @@
 //!   any ProxyError ──► error_response: problem+json {type, title, status, request_id}
 //!             (+ detail and pointer for validation failures)
 //! ```
-mod access_log;
+pub mod access_log;
 mod body;
 mod cache;
 mod connect;
