@@ -253,7 +253,66 @@ impl Daemon {
         let status = client.get(path);
         (status, client.last_body.clone())
     }
+
+    /// The access-log lines written so far.
+    fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|json| json["target"] == "access")
+            .collect()
+    }
+
+    /// Abuse verdicts so far, whatever became of them (dry run, protected, banned).
+    fn abuse_verdicts(&self) -> u64 {
+        let (_, metrics) = self.http_get(self.metrics, "/metrics");
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("gateway_abuse_verdicts_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// One row of an attack table: `send` must get `expected`; the request's access line must
+    /// show that no upstream saw it; and the outcome must reach the abuse detector, which (with
+    /// [`EVIDENCE_RULE`] in the config) answers every refusal with one more verdict.
+    fn refused(&self, row: &str, expected: u16, send: impl FnOnce() -> (u16, String)) {
+        let lines_before = self.access_lines().len();
+        let verdicts_before = self.abuse_verdicts();
+        let (status, body) = send();
+        assert_eq!(status, expected, "{row}: {body}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let line = loop {
+            if let Some(line) = self.access_lines().get(lines_before) {
+                break line.clone();
+            }
+            assert!(Instant::now() < deadline, "{row}: no access line");
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(line["status"], expected, "{row}: {line}");
+        assert!(
+            line.get("upstream").is_none(),
+            "{row}: the upstream saw the request: {line}"
+        );
+        while self.abuse_verdicts() <= verdicts_before {
+            assert!(
+                Instant::now() < deadline,
+                "{row}: the refusal never reached the abuse detector"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
+
+/// A dry-run abuse rule that fires on every refusal, so a test can see each one arrive.
+const EVIDENCE_RULE: &str = "[abuse]\n\
+    [[abuse.rules]]\n\
+    name = \"evidence\"\n\
+    classes = [\"auth_failure\", \"forbidden\", \"invalid_request\", \"not_found\", \"rate_limited\"]\n\
+    threshold = 1\n\
+    window = \"1m\"\n\
+    ban = \"1m\"\n\
+    dry_run = true\n";
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -634,7 +693,7 @@ fn authorization_and_validation_guard_a_route() {
     .unwrap();
     let daemon = Daemon::start_with_routes(
         "authzval",
-        "",
+        EVIDENCE_RULE,
         &format!(
             "auth = [\"api_key\"]\n\
              authz = {{ scopes = {{ all_of = [\"orders:write\"] }} }}\n\
@@ -681,22 +740,185 @@ fn authorization_and_validation_guard_a_route() {
         (status.trim().parse::<u16>().unwrap_or(0), body.to_owned())
     };
     let json = "Content-Type: application/json";
-    let (status, body) = post(&[&reader, json], r#"{"item":"book","qty":1}"#);
-    assert_eq!(status, 403, "scope missing: {body}");
-    let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":"many"}"#);
-    assert_eq!(status, 422, "wrong type: {body}");
-    assert!(body.contains("/qty"), "the problem names the field: {body}");
-    assert!(!body.contains("many"), "the payload is not echoed: {body}");
-    let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":1,"extra":true}"#);
-    assert_eq!(status, 422, "extra field: {body}");
-    let (status, _) = post(&[&writer, "Content-Type: text/plain"], "qty=1");
-    assert_eq!(status, 415, "wrong content type");
-    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
-    let (status, _) = post(&[&writer, json], &deep);
-    assert_eq!(status, 400, "1,000-deep nesting is refused before parsing");
+    daemon.refused("scope missing", 403, || {
+        post(&[&reader, json], r#"{"item":"book","qty":1}"#)
+    });
+    daemon.refused("wrong type", 422, || {
+        let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":"many"}"#);
+        assert!(body.contains("/qty"), "the problem names the field: {body}");
+        assert!(!body.contains("many"), "the payload is not echoed: {body}");
+        (status, body)
+    });
+    daemon.refused("extra field", 422, || {
+        post(&[&writer, json], r#"{"item":"book","qty":1,"extra":true}"#)
+    });
+    daemon.refused("missing required field", 422, || {
+        post(&[&writer, json], r#"{"item":"book"}"#)
+    });
+    daemon.refused("wrong content type", 415, || {
+        post(&[&writer, "Content-Type: text/plain"], "qty=1")
+    });
+    daemon.refused("1,000-deep nesting, refused before parsing", 400, || {
+        let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        post(&[&writer, json], &deep)
+    });
+    daemon.refused("no API key", 401, || {
+        post(&[json], r#"{"item":"book","qty":1}"#)
+    });
     let (status, body) = post(&[&writer, json], r#"{"item":"book","qty":2}"#);
     assert_eq!(status, 200, "a valid order passes: {body}");
     let _ = fs::remove_dir_all(&schema_dir);
+}
+
+/// A token for the test issuer: `claims` over the standard valid ones, signed by `key` with
+/// `header`.
+fn jwt(header: &jsonwebtoken::Header, claims: serde_json::Value, key: &[u8]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let mut all = serde_json::json!({
+        "iss": "https://idp.test",
+        "aud": "orders",
+        "sub": "alice",
+        "iat": now,
+        "exp": now + 600,
+    });
+    for (name, value) in claims.as_object().expect("an object") {
+        all[name] = value.clone();
+    }
+    let key = match header.alg {
+        jsonwebtoken::Algorithm::HS256 => jsonwebtoken::EncodingKey::from_secret(key),
+        _ => jsonwebtoken::EncodingKey::from_rsa_pem(key).expect("an RSA private key"),
+    };
+    jsonwebtoken::encode(header, &all, &key).expect("signed")
+}
+
+fn testdata(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../gateway-userspace/src/auth/testdata")
+        .join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn jwt_attacks_are_refused_before_the_upstream_and_reach_the_abuse_detector() {
+    if !require_root("jwt_attacks_are_refused_before_the_upstream_and_reach_the_abuse_detector") {
+        return;
+    }
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let public_pem = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../gateway-userspace/src/auth/testdata/rsa-a.pub.pem");
+    let daemon = Daemon::start_with_routes(
+        "jwtattacks",
+        &format!(
+            "[[auth.jwt]]\nissuer = \"https://idp.test\"\naudiences = [\"orders\"]\nalgorithms = [\"RS256\"]\npem_file = \"{}\"\n{EVIDENCE_RULE}",
+            public_pem.display()
+        ),
+        "auth = [\"jwt\"]\n",
+    );
+    let (good_key, attacker_key) = (testdata("rsa-a.key.pem"), testdata("rsa-b.key.pem"));
+    let rs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    let bearer =
+        |token: &str| daemon.curl("/a/orders", &[&format!("Authorization: Bearer {token}")]);
+
+    let valid = jwt(&rs256, serde_json::json!({}), &good_key);
+    let (status, body) = bearer(&valid);
+    assert_eq!(status, 200, "the control: a valid token passes: {body}");
+
+    // A listener the `jku` header points at: the gateway must never connect to it.
+    let jku = TcpListener::bind("127.0.0.1:0").expect("binding the jku listener");
+    jku.set_nonblocking(true).expect("non-blocking");
+    let mut jku_header = rs256.clone();
+    jku_header.jku = Some(format!("http://{}/jwks.json", jku.local_addr().unwrap()));
+
+    let payload = |token: &str| token.split('.').nth(1).unwrap_or_default().to_owned();
+    let tampered = {
+        let forged = b64(serde_json::to_string(&serde_json::json!({
+            "iss": "https://idp.test", "aud": "orders", "sub": "admin", "exp": 4_000_000_000u64
+        }))
+        .unwrap()
+        .as_bytes());
+        valid.replacen(&payload(&valid), &forged, 1)
+    };
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        payload(&valid)
+    );
+    let rows: Vec<(&str, String)> = vec![
+        ("alg none", unsigned),
+        (
+            "HS256 signed with the RSA public key (algorithm confusion)",
+            jwt(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                serde_json::json!({}),
+                &testdata("rsa-a.pub.pem"),
+            ),
+        ),
+        ("tampered payload", tampered),
+        (
+            "signed by another key",
+            jwt(&rs256, serde_json::json!({}), &attacker_key),
+        ),
+        (
+            "expired",
+            jwt(
+                &rs256,
+                serde_json::json!({"exp": 1_000_000_000u64, "iat": 999_999_000u64}),
+                &good_key,
+            ),
+        ),
+        (
+            "not yet valid",
+            jwt(
+                &rs256,
+                serde_json::json!({"nbf": 4_000_000_000u64}),
+                &good_key,
+            ),
+        ),
+        (
+            "wrong issuer",
+            jwt(
+                &rs256,
+                serde_json::json!({"iss": "https://evil.test"}),
+                &good_key,
+            ),
+        ),
+        (
+            "wrong audience",
+            jwt(&rs256, serde_json::json!({"aud": "billing"}), &good_key),
+        ),
+        (
+            "jku pointing elsewhere",
+            jwt(&jku_header, serde_json::json!({}), &attacker_key),
+        ),
+    ];
+    for (row, token) in &rows {
+        daemon.refused(row, 401, || bearer(token));
+    }
+    assert!(
+        jku.accept().is_err(),
+        "the gateway fetched the token's `jku`"
+    );
+    let (_, metrics) = daemon.http_get(daemon.metrics, "/metrics");
+    for reason in [
+        "algorithm_not_allowed",
+        "bad_signature",
+        "token_expired",
+        "token_not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+    ] {
+        let counted = format!(
+            r#"gateway_policy_rejections_total{{route="a",phase="authenticate",reason="{reason}"}}"#
+        );
+        assert!(
+            metrics.contains(&counted),
+            "`{counted}` missing:\n{metrics}"
+        );
+    }
 }
 
 #[test]
