@@ -1002,6 +1002,65 @@ async fn upstream_failures_become_502_503_and_504_without_detail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stalls_is_cut_off_after_the_route_timeout() {
+    if !gateway_tests::require_root(
+        "a_response_body_that_stalls_is_cut_off_after_the_route_timeout",
+    ) {
+        return;
+    }
+    // An upstream that sends its head and 10 of the 100 bytes it announced, then nothing.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the stalling upstream");
+    let stalling_addr = stalling.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = stalling.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).await.is_ok() {
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+                tokio::time::sleep(SLOW_UPSTREAM * 2).await;
+            });
+        }
+    });
+    let listener = free_port();
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start_with(
+        "stall",
+        &upstream,
+        Extra {
+            toml: format!(
+                "[[listeners]]\nname = \"stall\"\naddress = \"{listener}\"\nroutes = [\"stall\"]\n\
+                 [[routes]]\nname = \"stall\"\npath_prefix = \"/\"\nupstream = \"stalling\"\ntimeout = \"{}ms\"\n\
+                 [[upstreams]]\nname = \"stalling\"\nendpoints = [\"{stalling_addr}\"]\n",
+                ROUTE_TIMEOUT.as_millis()
+            ),
+            listeners: vec![listener],
+            ..Extra::default()
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let (status, text) = raw(listener, &raw_get("/x", "")).await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.ends_with("0123456789"),
+        "the client got what the upstream sent, and no more: {text}"
+    );
+    assert!(
+        waited >= ROUTE_TIMEOUT && waited < SLOW_UPSTREAM * 2,
+        "the connection was cut {waited:?} after the request; the route timeout is {ROUTE_TIMEOUT:?}"
+    );
+    drop(gateway);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_rewritten_from_what_the_gateway_saw() {
     if !gateway_tests::require_root("headers_are_rewritten_from_what_the_gateway_saw") {
         return;

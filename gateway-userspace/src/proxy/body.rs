@@ -1,5 +1,6 @@
-//! Body wrappers: the request body streamed upstream under the route's size limit, and the
-//! response body that counts bytes and writes the access-log line when it is done.
+//! Body wrappers: the request body streamed upstream under the route's size limit, the
+//! upstream's response body cut off when it stalls, and the response body that counts bytes and
+//! writes the access-log line when it is done.
 use std::{
     pin::Pin,
     sync::{
@@ -7,6 +8,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -155,6 +157,61 @@ pub(crate) struct Finish {
     pub(crate) in_flight: Option<InFlight>,
     /// Keeps the connection from being closed as idle while the response streams.
     pub(crate) connection_busy: super::server::Busy,
+}
+
+/// An upstream response body that fails when the upstream sends nothing for `idle` (the
+/// route's timeout, restarted by every frame, like NGINX's `proxy_read_timeout`): a stalled
+/// upstream cannot hold a client connection and an endpoint forever, while a long stream that
+/// keeps sending (gRPC, server-sent events) is never cut off for its length.
+pub(crate) struct StallGuard {
+    inner: ResponseBody,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no response data for {0:?} (the route's timeout)")]
+pub(crate) struct UpstreamStalled(Duration);
+
+impl StallGuard {
+    pub(crate) fn new(inner: ResponseBody, idle: Duration) -> StallGuard {
+        StallGuard {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl Body for StallGuard {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(UpstreamStalled(this.idle).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The response body as sent to the client: counts bytes, and writes the access-log line when

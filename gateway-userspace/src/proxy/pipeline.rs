@@ -16,7 +16,7 @@ use hyper::body::{Body as _, Incoming};
 use super::{
     BoxError, ResponseBody, Services,
     access_log::{AccessRecord, redact_target},
-    body::{BodyOutcome, Finish, LimitedBody, LoggedBody, RequestBody},
+    body::{BodyOutcome, Finish, LimitedBody, LoggedBody, RequestBody, StallGuard},
     cache::{Lookup, ResponseCache},
     error::{ErrorSource, ProxyError, error_response},
     headers::{
@@ -785,10 +785,8 @@ impl Pipeline {
         // hyper picks the framing for the client's protocol; the upstream's version says
         // nothing about the client's.
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed_unsync(),
-        ))
+        let body = StallGuard::new(body.map_err(BoxError::from).boxed_unsync(), route.timeout);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 }
 
