@@ -73,7 +73,8 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
-    /// PEM file of the CA certificates that client certificates must chain to. Read at start.
+    /// PEM file of the CA certificates that client certificates must chain to. Polled with the
+    /// certificates (`reload_interval`) and swapped in when it changes.
     pub ca: PathBuf,
     /// Default `required`.
     #[serde(default)]

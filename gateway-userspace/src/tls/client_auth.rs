@@ -1,9 +1,19 @@
 //! Client certificates (mTLS) on a listener: the rustls verifier built from the listener's CA
-//! bundle, and the [`ClientCertIdentity`] that a verified certificate gives the request
-//! pipeline, for the authenticate phase to map to a principal.
+//! bundle (swapped when the bundle changes on disk, see [`ReloadingVerifier`]), and the
+//! [`ClientCertIdentity`] that a verified certificate gives the request pipeline, for the
+//! authenticate phase to map to a principal.
 use std::sync::Arc;
 
-use rustls::server::{WebPkiClientVerifier, danger::ClientCertVerifier};
+use arc_swap::ArcSwap;
+use rustls::{
+    DistinguishedName, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{CertificateDer, UnixTime},
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
 
 use super::{TlsError, load_ca_roots, provider, x509};
 use crate::config::{ClientAuthConfig, ClientAuthMode};
@@ -54,4 +64,85 @@ pub(super) fn verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVe
         ClientAuthMode::Optional => builder.allow_unauthenticated(),
     };
     builder.build().map_err(TlsError::ClientVerifier)
+}
+
+/// The verifier of the current CA bundle, replaceable while the listener serves: the listener's
+/// [`super::Reloader`] swaps in a verifier built from a changed bundle, and handshakes from then
+/// on use it (a bundle that does not load is logged and the old one kept).
+///
+/// It sends no CA names in its certificate request (`root_hint_subjects` would have to borrow
+/// from a verifier that may be replaced): clients then offer the certificate they have, and it
+/// is verified against the current bundle all the same.
+#[derive(Debug)]
+pub struct ReloadingVerifier {
+    current: ArcSwap<Current>,
+    mandatory: bool,
+}
+
+#[derive(Debug)]
+struct Current(Arc<dyn ClientCertVerifier>);
+
+impl ReloadingVerifier {
+    pub(super) fn load(config: &ClientAuthConfig) -> Result<ReloadingVerifier, TlsError> {
+        Ok(ReloadingVerifier {
+            current: ArcSwap::from_pointee(Current(verifier(config)?)),
+            mandatory: config.mode == ClientAuthMode::Required,
+        })
+    }
+
+    /// Builds a verifier from the bundle again and swaps it in; on error the old one stays.
+    pub(super) fn reload(&self, config: &ClientAuthConfig) -> Result<(), TlsError> {
+        self.current.store(Arc::new(Current(verifier(config)?)));
+        Ok(())
+    }
+}
+
+impl ClientCertVerifier for ReloadingVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
 }

@@ -167,8 +167,8 @@ pub fn listener_tls(config: &TlsConfig) -> Result<ListenerTls, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Config)?;
-    let builder = match &config.client_auth {
-        Some(client_auth) => builder.with_client_cert_verifier(client_auth::verifier(client_auth)?),
+    let builder = match reloader.client_verifier() {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
     let mut server_config = builder.with_cert_resolver(reloader.resolver());
