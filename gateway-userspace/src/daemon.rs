@@ -600,10 +600,9 @@ fn start_abuse_loop(
         protected.extend(listener.trusted_proxies.iter().copied());
     }
     for upstream in &config.upstreams {
-        for endpoint in &upstream.endpoints {
-            if let Ok(address) = endpoint.parse::<std::net::SocketAddr>() {
-                protected.push(Cidr::host(address.ip()));
-            }
+        // Validation resolved them already; a name that stopped resolving protects nothing.
+        for address in upstream.endpoint_addrs("upstreams").unwrap_or_default() {
+            protected.push(Cidr::host(address.ip()));
         }
     }
     let offences = Offences::open(

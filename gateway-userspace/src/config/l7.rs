@@ -228,7 +228,9 @@ pub enum Balance {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// `IP:PORT` of each endpoint.
+    /// `IP:PORT` or `HOST:PORT` of each endpoint. A host name is resolved when the config is
+    /// loaded (and again on each reload), and every address it resolves to is an endpoint; set
+    /// `tls.server_name` for TLS upstreams named this way.
     pub endpoints: Vec<String>,
     /// Default `http1`.
     #[serde(default)]
@@ -419,20 +421,45 @@ impl ListenerConfig {
 }
 
 impl UpstreamConfig {
-    /// The endpoint addresses; validation has checked that they parse.
+    /// The endpoint addresses: `IP:PORT` as written, host names resolved now (all of their
+    /// addresses, in the resolver's order); an address named twice is one endpoint.
     pub fn endpoint_addrs(&self, key: &str) -> Result<Vec<SocketAddr>, ConfigError> {
-        self.endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, endpoint)| {
-                endpoint.parse().map_err(|_| {
-                    invalid(
-                        &format!("{key}.endpoints[{i}]"),
-                        format!("`{endpoint}` is not an `IP:PORT` address (e.g. `10.0.0.5:8080`)"),
-                    )
-                })
-            })
-            .collect()
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let key = format!("{key}.endpoints[{i}]");
+            if let Ok(addr) = endpoint.parse() {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+                continue;
+            }
+            let has_port = endpoint
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !has_port {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "`{endpoint}` is not `IP:PORT` or `HOST:PORT` (e.g. `10.0.0.5:8080` or `app.internal:8080`)"
+                    ),
+                ));
+            }
+            let resolved = std::net::ToSocketAddrs::to_socket_addrs(endpoint.as_str())
+                .map_err(|e| invalid(&key, format!("cannot resolve `{endpoint}`: {e}")))?;
+            let before = addrs.len();
+            for addr in resolved {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+            if addrs.len() == before {
+                return Err(invalid(
+                    &key,
+                    format!("`{endpoint}` resolves to no address"),
+                ));
+            }
+        }
+        Ok(addrs)
     }
 }
 
@@ -907,6 +934,24 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_may_be_host_names_resolved_at_load() {
+        let config = parse(&BASE.replace(
+            "\"127.0.0.1:8081\"",
+            "\"localhost:8081\", \"127.0.0.1:8081\"",
+        ))
+        .expect("`localhost` resolves through /etc/hosts");
+        let addrs = config.upstreams[0]
+            .endpoint_addrs("upstreams[0]")
+            .expect("addresses");
+        let v4 = "127.0.0.1:8081".parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            addrs.iter().filter(|a| **a == v4).count(),
+            1,
+            "an address named twice is one endpoint: {addrs:?}"
+        );
+    }
+
+    #[test]
     fn a_full_l7_config_parses_with_route_and_upstream_defaults() {
         let config = parse(BASE).expect("the base config");
         let route = &config.routes[0];
@@ -940,14 +985,14 @@ mod tests {
             ),
             (BASE.replace("upstream = \"app\"", "upstream = \"gone\""), "routes[0].upstream"),
             (BASE.replace("127.0.0.1:8443", "localhost:8443"), "listeners[0].address"),
-            (BASE.replace("127.0.0.1:8081", "app:80"), "upstreams[0].endpoints[0]"),
+            (BASE.replace("127.0.0.1:8081", "app"), "upstreams[0].endpoints[0]"),
             (
                 BASE.replace("path_prefix = \"/api/\"", "path_prefix = \"/api/../x\""),
                 "routes[0].path_prefix",
             ),
             (
                 BASE.replace("path_prefix = \"/api/\"", "path_prefix = \"/a\"\npath_exact = \"/b\""),
-                "routes[0].path_exact",
+                "routes[0]",
             ),
             (
                 BASE.replace("path_prefix = \"/api/\"", "path_prefix = \"/a\"\nhost = \"a.*.com\""),
