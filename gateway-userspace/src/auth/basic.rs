@@ -157,18 +157,8 @@ impl BasicUsers {
             .chain_update(&hash)
             .finalize()
             .into();
-        let verified = user.is_some() && self.verified.contains_key(&digest) || {
-            let _permit = self
-                .hashing
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            let password = password.to_owned();
-            let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-                .await
-                .unwrap_or(false);
-            matches && user.is_some()
-        };
+        let remembered = user.is_some() && self.verified.contains_key(&digest);
+        let verified = remembered || (self.hash_matches(password, hash).await && user.is_some());
         let Some(user) = user.filter(|_| verified) else {
             return Err(AuthError::BadPassword);
         };
@@ -180,6 +170,18 @@ impl BasicUsers {
             roles: BTreeSet::new(),
             claims: serde_json::Map::new(),
         })
+    }
+
+    /// Checks `password` against an Argon2 `hash` on the blocking pool, one check per core at
+    /// a time.
+    async fn hash_matches(&self, password: &str, hash: String) -> bool {
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return false;
+        };
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false)
     }
 }
 

@@ -460,25 +460,27 @@ impl Pipeline {
                 self.services.metrics.record_cache(&route.name, "hit");
                 response
             }
-            Lookup::Miss(key) => {
-                record.cache = Some("miss");
-                self.services.metrics.record_cache(&route.name, "miss");
-                let (method, headers) = (request.method().clone(), request.headers().clone());
+            lookup => {
+                // A miss keeps what `store` needs of the request, which `forward` consumes.
+                let miss = match lookup {
+                    Lookup::Miss(key) => {
+                        record.cache = Some("miss");
+                        self.services.metrics.record_cache(&route.name, "miss");
+                        Some((key, request.method().clone(), request.headers().clone()))
+                    }
+                    _ => None,
+                };
                 let response = self
                     .forward(
                         conn, listener, request, route, &path, request_id, record, in_flight,
                     )
                     .await?;
-                match &self.cache {
-                    Some(cache) => cache.store(key, &method, &headers, response).await?,
-                    None => response,
+                match (miss, &self.cache) {
+                    (Some((key, method, headers)), Some(cache)) => {
+                        cache.store(key, &method, &headers, response).await?
+                    }
+                    _ => response,
                 }
-            }
-            Lookup::Bypass => {
-                self.forward(
-                    conn, listener, request, route, &path, request_id, record, in_flight,
-                )
-                .await?
             }
         };
         if let Some(outcome) = limited {
