@@ -3,6 +3,7 @@
 //! Every subcommand runs `setup` first, which is idempotent and takes well under a second once
 //! the machine is prepared, so nobody has to remember which prerequisite a task needs.
 
+mod bench;
 mod build;
 mod cmd;
 mod run;
@@ -20,7 +21,8 @@ use clap::{Parser, Subcommand};
         cargo xtask setup            # install toolchain parts, Debian packages, mount bpffs\n  \
         cargo xtask build --release  # build the `gateway` binary with its XDP program\n  \
         sudo cargo xtask run         # run the gateway with examples/gateway.toml\n  \
-        cargo xtask test             # fmt, clippy, build, then the whole test suite"
+        cargo xtask test             # fmt, clippy, build, then the whole test suite\n  \
+        sudo cargo xtask bench       # benchmarks: regenerate docs/BENCHMARKS.md"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +35,7 @@ enum Command {
     Build(build::Args),
     Run(run::Args),
     Test(test::Args),
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -49,5 +52,6 @@ fn run() -> anyhow::Result<()> {
         Command::Build(args) => build::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

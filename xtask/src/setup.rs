@@ -28,9 +28,22 @@ pub(crate) struct Args {
 /// than installing by hand, so a fresh machine gets it too.
 pub(crate) const PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "curl", "python3"];
 
-/// Debian packages only the benchmarks use (a backend to proxy to, a load generator). Kept apart
-/// so `cargo xtask test` does not pull servers onto every CI machine.
-pub(crate) const BENCH_PACKAGES: &[&str] = &["nginx", "wrk"];
+/// Debian packages only the benchmarks use: the references they compare against (xdp-filter,
+/// iptables, ipset, nftables, NGINX), load generators (trafgen, wrk, h2load), `perf` for
+/// profiles, and matplotlib for the charts. Kept apart so `cargo xtask test` does not pull
+/// servers onto every CI machine.
+pub(crate) const BENCH_PACKAGES: &[&str] = &[
+    "xdp-tools",
+    "netsniff-ng",
+    "nftables",
+    "iptables",
+    "ipset",
+    "nginx",
+    "wrk",
+    "nghttp2-client",
+    "linux-perf",
+    "python3-matplotlib",
+];
 
 /// The toolchain that builds the eBPF crate (`-Z build-std=core`); aya-build runs
 /// `rustup run nightly cargo build`, so it must be called exactly this.
