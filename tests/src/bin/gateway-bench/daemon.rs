@@ -83,6 +83,9 @@ impl Drop for Scratch {
     }
 }
 
+/// Runs on the thread that spawns a process, just before it does; see [`Background::spawn_in`].
+pub(crate) type BeforeSpawn = fn() -> Result<()>;
+
 /// A process the benchmark started: SIGTERM (then SIGKILL) by its own pid on drop.
 pub(crate) struct Background {
     name: String,
@@ -93,16 +96,41 @@ impl Background {
     /// Spawns `command` inside `netns`, or in the benchmark's own namespace when `None`.
     /// Standard input is closed; the caller decides where output goes.
     pub(crate) fn spawn(name: &str, netns: Option<&Netns>, mut command: Command) -> Result<Self> {
+        match netns {
+            Some(netns) => Background::spawn_in(name, netns, command, || Ok(())),
+            None => {
+                command.stdin(Stdio::null());
+                let child = command
+                    .spawn()
+                    .with_context(|| format!("cannot start {name}: is it installed?"))?;
+                Ok(Background::new(name, child))
+            }
+        }
+    }
+
+    /// [`Background::spawn`] inside `netns`, running `before` first on the spawning thread, so
+    /// the process inherits what it sets (such as the CPUs it may run on).
+    pub(crate) fn spawn_in(
+        name: &str,
+        netns: &Netns,
+        mut command: Command,
+        before: BeforeSpawn,
+    ) -> Result<Self> {
         command.stdin(Stdio::null());
-        let spawned = match netns {
-            Some(netns) => netns.run(move || command.spawn()),
-            None => command.spawn(),
-        };
-        let child = spawned.with_context(|| format!("cannot start {name}: is it installed?"))?;
-        Ok(Background {
+        let child = netns.run(move || -> Result<Child> {
+            before().with_context(|| format!("preparing to start {name}"))?;
+            command
+                .spawn()
+                .with_context(|| format!("cannot start {name}: is it installed?"))
+        })?;
+        Ok(Background::new(name, child))
+    }
+
+    fn new(name: &str, child: Child) -> Self {
+        Background {
             name: name.to_owned(),
             child: Some(child),
-        })
+        }
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -202,6 +230,18 @@ pub(crate) fn run_bounded(mut command: Command, timeout: Duration) -> Result<Str
     Ok(stdout)
 }
 
+/// `gateway demo-upstream` listening on `listen`, quiet, its output discarded: the upstream
+/// the sections proxy to.
+pub(crate) fn demo_upstream(gateway: &Path, listen: &str) -> Command {
+    let mut command = Command::new(gateway);
+    command
+        .args(["demo-upstream", "--listen", listen])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
 /// Connects to `addr` from inside `netns` until it accepts, within `timeout`.
 pub(crate) fn wait_for_tcp(netns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -254,6 +294,19 @@ pub(crate) fn children_of(pid: u32) -> Vec<u32> {
                 == Some(pid)
         })
         .collect()
+}
+
+/// The `[xdp]` table of a daemon attached natively to `interface`, its per-source rate limit
+/// far above what a benchmark sends.
+pub(crate) fn xdp_native(interface: &str) -> String {
+    format!(
+        "[xdp]\n\
+         interfaces = [\"{interface}\"]\n\
+         mode = \"native\"\n\
+         [xdp.rate_limit]\n\
+         packets_per_second = 1000000\n\
+         burst = 1000000\n"
+    )
 }
 
 /// One gateway daemon under test, instance `bench-<tag>-<pid>`: its config, state, admin
@@ -324,6 +377,17 @@ impl Daemon {
     /// daemon opens it after attaching XDP, restoring bans and binding listeners). Returns how
     /// long that took from the spawn.
     pub(crate) fn start(&mut self, netns: &Netns) -> Result<Duration> {
+        self.start_with(netns, &[], || Ok(()))
+    }
+
+    /// [`Daemon::start`] with extra environment variables, and `before` run on the spawning
+    /// thread first (see [`Background::spawn_in`]).
+    pub(crate) fn start_with(
+        &mut self,
+        netns: &Netns,
+        env: &[(&str, &str)],
+        before: BeforeSpawn,
+    ) -> Result<Duration> {
         if self.process.is_some() {
             bail!("daemon `{}` is already running", self.instance);
         }
@@ -338,13 +402,15 @@ impl Daemon {
             .arg("--config")
             .arg(self.config_path())
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().context("sharing the daemon log")?)
             .stderr(log);
         let started = Instant::now();
-        self.process = Some(Background::spawn(
+        self.process = Some(Background::spawn_in(
             &format!("gateway daemon `{}`", self.instance),
-            Some(netns),
+            netns,
             command,
+            before,
         )?);
         loop {
             if let Some(status) = self.process.as_mut().and_then(Background::exited) {

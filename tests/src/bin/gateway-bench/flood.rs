@@ -6,27 +6,26 @@
 //! per dropped packet on the CPU the flood arrives on (and the host's softirq time beside it),
 //! and the client's success rate and latency against a no-flood baseline.
 //!
-//! The test bed is [`crate::flood_net`], the traffic [`crate::flood_traffic`], the daemon and
-//! upstream [`crate::flood_daemon`]. Every defence holds the same 10,000 IPv4 addresses (the 16
-//! attacker sources last, after 9,984 others), and every defence is removed again after its row,
-//! also when it fails: a row that cannot be measured says why instead of failing the section.
+//! The test bed is [`crate::flood_net`], the traffic [`crate::flood_traffic`]; the daemon and
+//! upstream are [`crate::daemon`]'s guards, kept off the flood's CPU. Every defence holds the
+//! same 10,000 IPv4 addresses (the 16 attacker sources last, after 9,984 others), and every
+//! defence is removed again after its row, also when it fails: a row that cannot be measured
+//! says why instead of failing the section.
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    panic::AssertUnwindSafe,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
+use gateway_tests::netns::Netns;
 
 use crate::{
     Ctx,
-    flood_daemon::{Daemon, TempDir, start_upstream},
+    daemon::{Background, Daemon, catching_panics, demo_upstream, wait_for_tcp},
     flood_net::{self, GATEWAY_CLIENT_V4, GATEWAY_PUBLIC_IF, TestBed},
-    flood_traffic::{self, ClientRun, HTTPS_PORT, REQUEST_TIMEOUT},
-    report::{Chart, Section, Table, median},
-    xdp::thousands,
+    flood_traffic::{self, ClientRun, HTTPS_PORT, REQUEST_TIMEOUT, avoid_flood_cpu},
+    report::{Chart, Section, Table, median, thousands},
     xdp_filter::XdpFilter,
     xdp_sys::XDP_DROP,
 };
@@ -38,6 +37,10 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// Names of the netfilter objects the section creates (inside its own namespace).
 const IPSET_NAME: &str = "gwbench_block";
 const NFT_TABLE: &str = "gwbench";
+/// Where the demo upstream listens, inside the gateway's namespace.
+const UPSTREAM: &str = "127.0.0.1:18081";
+/// Longest the daemon's HTTPS listener may take to accept once its admin socket answers.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The blocklist every defence holds: 9,984 addresses of 10.0.0.0/8 that send nothing, then the
 /// attacker's sources, so a rule list is scanned to its end before an attacker's rule matches.
@@ -172,23 +175,77 @@ impl Row {
 }
 
 pub(crate) fn bench(ctx: &Ctx) -> Result<Section> {
-    // The namespace helpers panic on failure; their guards still clean up while unwinding, and
-    // the panic becomes this section's error instead of ending the whole run.
-    std::panic::catch_unwind(AssertUnwindSafe(|| measure_all(ctx))).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        Err(anyhow!("the flood benchmark panicked: {message}"))
-    })
+    catching_panics(|| measure_all(ctx))
+}
+
+/// Starts `gateway run` in `netns`, kept off the flood's CPU, with an HTTPS listener on every
+/// address and, with `xdp_interface`, the XDP program attached natively there with its lists
+/// and rate limit on. Returns once the admin socket answers and the listener accepts.
+fn start_daemon(
+    ctx: &Ctx,
+    netns: &Netns,
+    tag: &str,
+    xdp_interface: Option<&str>,
+) -> Result<Daemon> {
+    let xdp = match xdp_interface {
+        // The allowlist and prefix blocklist hold an entry each (documentation ranges), so the
+        // program consults every tier, as in production; the rate limit is far above the
+        // client's few hundred packets a second.
+        Some(interface) => format!(
+            "[xdp]\n\
+             interfaces = [\"{interface}\"]\n\
+             mode = \"native\"\n\
+             allowlist = [\"192.0.2.0/24\"]\n\
+             blocklist = [\"198.51.100.0/24\"]\n\
+             [xdp.rate_limit]\n\
+             enabled = true\n\
+             packets_per_second = 20000\n\
+             burst = 40000\n"
+        ),
+        None => "[xdp]\ninterfaces = []\n".to_owned(),
+    };
+    let mut daemon = Daemon::new(&ctx.gateway, tag)?;
+    daemon.write_config(&format!(
+        "{xdp}\n\
+         [[listeners]]\n\
+         name = \"public\"\n\
+         address = \"0.0.0.0:{HTTPS_PORT}\"\n\
+         routes = [\"api\"]\n\
+         [listeners.tls]\n\
+         self_signed = true\n\
+         self_signed_names = [\"localhost\"]\n\
+         \n\
+         [[routes]]\n\
+         name = \"api\"\n\
+         path_prefix = \"/api/\"\n\
+         upstream = \"app\"\n\
+         \n\
+         [[upstreams]]\n\
+         name = \"app\"\n\
+         endpoints = [\"{UPSTREAM}\"]"
+    ))?;
+    daemon.start_with(netns, &[("RUST_LOG", "warn")], avoid_flood_cpu)?;
+    wait_for_tcp(
+        netns,
+        SocketAddr::from(([127, 0, 0, 1], HTTPS_PORT)),
+        LISTEN_TIMEOUT,
+    )?;
+    Ok(daemon)
+}
+
+/// Packets the daemon's XDP program counted under `reason` (`gateway stats --json`).
+fn xdp_packets(daemon: &Daemon, reason: &str) -> Result<u64> {
+    daemon.json(&["stats", "--json"])?["reasons"]
+        .as_array()
+        .and_then(|reasons| reasons.iter().find(|r| r["reason"] == reason))
+        .and_then(|r| r["packets"].as_u64())
+        .with_context(|| format!("`gateway stats --json` has no packet count for `{reason}`"))
 }
 
 /// What a defence reads to count its drops.
 type DropCounter<'a> = Box<dyn Fn() -> Result<u64> + 'a>;
 
 fn measure_all(ctx: &Ctx) -> Result<Section> {
-    let pid = std::process::id();
     let window = if ctx.quick {
         Duration::from_millis(1500)
     } else {
@@ -198,8 +255,12 @@ fn measure_all(ctx: &Ctx) -> Result<Section> {
     // NAPI on the public veth's receive side for the defences without an XDP program (see
     // flood_net); the XDP defences get it from their program, GRO stays on for all.
     bed.set_public_gro(true)?;
-    let dir = TempDir::new(&format!("gateway-bench-flood-{pid}"))?;
-    let _upstream = start_upstream(&ctx.gateway, &bed.gateway)?;
+    let _upstream = Background::spawn_in(
+        "gateway demo-upstream",
+        &bed.gateway,
+        demo_upstream(&ctx.gateway, UPSTREAM),
+        avoid_flood_cpu,
+    )?;
     let frames = flood_traffic::flood_frames();
     let blocklist = blocklist();
     let bench = Bench {
@@ -211,15 +272,7 @@ fn measure_all(ctx: &Ctx) -> Result<Section> {
     };
 
     let mut rows = Vec::new();
-    let l7_dir = dir.0.join("l7");
-    std::fs::create_dir_all(&l7_dir).context("creating the daemon's folder")?;
-    let l7_only = Daemon::start(
-        &ctx.gateway,
-        &bed.gateway,
-        &l7_dir,
-        &format!("gwbench-{pid}-l7"),
-        None,
-    )?;
+    let l7_only = start_daemon(ctx, &bed.gateway, "flood-l7", None)?;
     for defence in Defence::ALL {
         if defence == Defence::Gateway {
             continue;
@@ -236,9 +289,7 @@ fn measure_all(ctx: &Ctx) -> Result<Section> {
     // The gateway's own row: the same daemon build, now attached to the public interface.
     drop(l7_only);
     eprintln!("   {}", Defence::Gateway.label());
-    let windows = bench
-        .gateway(&dir.0, &blocklist)
-        .map_err(|e| format!("{e:#}"));
+    let windows = bench.gateway(&blocklist).map_err(|e| format!("{e:#}"));
     if let Err(e) = &windows {
         eprintln!("   {}: not measured: {e}", Defence::Gateway.label());
     }
@@ -349,23 +400,22 @@ impl Bench<'_> {
 
     /// Starts the daemon attached to the public interface, bans the blocklist through the CLI
     /// (`gateway block import`), and measures.
-    fn gateway(&self, dir: &Path, blocklist: &[Ipv4Addr]) -> Result<Vec<Window>> {
-        let xdp_dir = dir.join("xdp");
-        std::fs::create_dir_all(&xdp_dir).context("creating the daemon's folder")?;
-        let pid = std::process::id();
-        let daemon = Daemon::start(
-            &self.ctx.gateway,
+    fn gateway(&self, blocklist: &[Ipv4Addr]) -> Result<Vec<Window>> {
+        let daemon = start_daemon(
+            self.ctx,
             &self.bed.gateway,
-            &xdp_dir,
-            &format!("gwbench-{pid}-xdp"),
+            "flood-xdp",
             Some(GATEWAY_PUBLIC_IF),
         )?;
-        let list = xdp_dir.join("blocklist.txt");
         let text: String = blocklist.iter().map(|addr| format!("{addr}\n")).collect();
+        let list = daemon.dir().join("blocklist.txt");
         std::fs::write(&list, text).context("writing the blocklist file")?;
         let path = list.to_str().context("a UTF-8 temporary path")?;
         daemon.cli(&["block", "import", path, "--reason", "bench"])?;
-        self.windows(true, Some(Box::new(|| daemon.packets("blocked_address"))))
+        self.windows(
+            true,
+            Some(Box::new(|| xdp_packets(&daemon, "blocked_address"))),
+        )
     }
 
     /// Measures [`Ctx::repetitions`] windows: the client alone, or with the flood.

@@ -11,7 +11,7 @@ use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -22,7 +22,10 @@ use serde_json::json;
 
 use crate::{
     Ctx,
-    daemon::{Background, Daemon, Scratch, catching_panics, children_of, rss_kib, wait_for_tcp},
+    daemon::{
+        Background, Daemon, Scratch, catching_panics, children_of, demo_upstream, rss_kib,
+        wait_for_tcp,
+    },
     report::{Chart, Section, Table, median},
 };
 
@@ -180,15 +183,11 @@ fn measure(ctx: &Ctx) -> Result<Section> {
         "nginx-upstream",
         &nginx_upstream_config(files.scratch.path()),
     )?;
-    let mut demo_upstream = {
-        let mut command = Command::new(&ctx.gateway);
-        command
-            .args(["demo-upstream", "--listen", DEMO_UPSTREAM])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        Background::spawn("gateway demo-upstream", Some(&netns), command)?
-    };
+    let mut demo_upstream = Background::spawn(
+        "gateway demo-upstream",
+        Some(&netns),
+        demo_upstream(&ctx.gateway, DEMO_UPSTREAM),
+    )?;
     for addr in [NGINX_UPSTREAM_H1, NGINX_UPSTREAM_H2C, DEMO_UPSTREAM] {
         wait_for_tcp(&netns, addr.parse()?, Duration::from_secs(10))?;
     }
@@ -200,22 +199,11 @@ fn measure(ctx: &Ctx) -> Result<Section> {
         request: Request::Get,
     };
     eprintln!("   choosing the upstream");
-    let nginx_upstream_rps = load(
-        &netns,
-        &files,
-        Client::Wrk(64),
-        &get(NGINX_UPSTREAM_H1),
-        seconds,
-    )?
-    .rps;
-    let demo_upstream_rps = load(
-        &netns,
-        &files,
-        Client::Wrk(64),
-        &get(DEMO_UPSTREAM),
-        seconds,
-    )?
-    .rps;
+    let upstream_rps = |addr| -> Result<f64> {
+        Ok(load(&netns, &files, Client::Wrk(64), &get(addr), seconds)?.rps)
+    };
+    let nginx_upstream_rps = upstream_rps(NGINX_UPSTREAM_H1)?;
+    let demo_upstream_rps = upstream_rps(DEMO_UPSTREAM)?;
     let nginx_is_faster = nginx_upstream_rps >= demo_upstream_rps;
     let (upstream_h1, upstream_h2c, upstream_name, _upstream_guard) = if nginx_is_faster {
         demo_upstream.stop()?;
@@ -862,13 +850,20 @@ fn curl(
         };
     }
     command.arg(url);
-    let output = netns
-        .run(move || command.output())
-        .context("running curl (install curl)")?;
+    let output = output_in(netns, command, "curl")?;
     let text = String::from_utf8_lossy(&output.stdout);
     text.trim()
         .parse()
         .with_context(|| format!("curl printed no status for {url}: {text}"))
+}
+
+/// Runs `command` to completion inside `netns` and returns its output, whatever its exit status:
+/// the callers judge by what it printed. `package` is what provides the program.
+fn output_in(netns: &Netns, mut command: Command, package: &str) -> Result<Output> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    netns
+        .run(move || command.output())
+        .with_context(|| format!("running {program} (install {package})"))
 }
 
 /// One client run against `target` for `seconds`.
@@ -923,9 +918,7 @@ fn wrk(
         .args(["-d", &format!("{seconds}s"), "--timeout", "5s", "-s"])
         .arg(&script)
         .arg(&target.h1_url);
-    let output = netns
-        .run(move || command.output())
-        .context("running wrk (install wrk)")?;
+    let output = output_in(netns, command, "wrk")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
@@ -988,9 +981,7 @@ fn h2load(
             .args(["-H", &format!("authorization: Bearer {token}")]);
     }
     command.arg(&target.h2_url);
-    let output = netns
-        .run(move || command.output())
-        .context("running h2load (install nghttp2-client)")?;
+    let output = output_in(netns, command, "nghttp2-client")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let rps = stdout
         .lines()

@@ -6,7 +6,6 @@
 //! the run exit non-zero) without hiding the others' figures.
 mod daemon;
 mod flood;
-mod flood_daemon;
 mod flood_net;
 mod flood_traffic;
 mod http1;

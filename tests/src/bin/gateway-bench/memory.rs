@@ -12,7 +12,7 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -26,9 +26,12 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::{
     Ctx,
-    daemon::{Background, Daemon, catching_panics, rss_kib, run_bounded, wait_for_tcp},
+    daemon::{
+        Background, Daemon, catching_panics, demo_upstream, rss_kib, run_bounded, wait_for_tcp,
+        xdp_native,
+    },
     http1::read_response,
-    report::{Chart, Section, Table, median},
+    report::{Chart, Section, Table, median, thousands},
 };
 
 /// The veth pair's subnet (198.18.62.0/24); other sections use other numbers.
@@ -70,15 +73,11 @@ fn measure(ctx: &Ctx) -> Result<Section> {
     let bans: u32 = if ctx.quick { 200_000 } else { 1_000_000 };
     raise_nofile_limit()?;
     let net = VethPair::new("bench-mem", SUBNET);
-    let mut upstream = {
-        let mut command = Command::new(&ctx.gateway);
-        command
-            .args(["demo-upstream", "--listen", UPSTREAM])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        Background::spawn("gateway demo-upstream", Some(&net.gateway), command)?
-    };
+    let mut upstream = Background::spawn(
+        "gateway demo-upstream",
+        Some(&net.gateway),
+        demo_upstream(&ctx.gateway, UPSTREAM),
+    )?;
     wait_for_tcp(&net.gateway, UPSTREAM.parse()?, Duration::from_secs(10))?;
 
     let mut runs = Vec::new();
@@ -101,13 +100,7 @@ fn one_repetition(ctx: &Ctx, net: &VethPair, bans: u32) -> Result<Figures> {
     fs::write(dir.join("tls.crt"), certificate.cert.pem())?;
     fs::write(dir.join("tls.key"), certificate.signing_key.serialize_pem())?;
     daemon.write_config(&format!(
-        r#"[xdp]
-interfaces = ["{interface}"]
-mode = "native"
-[xdp.rate_limit]
-packets_per_second = 1000000
-burst = 1000000
-
+        r#"{xdp}
 [[listeners]]
 name = "edge"
 address = "{gateway}:{TLS_PORT}"
@@ -132,7 +125,7 @@ max_connections_per_source = 20000
 idle_timeout = "10m"
 shutdown_grace = "1s"
 "#,
-        interface = net.gateway_if,
+        xdp = xdp_native(&net.gateway_if),
         gateway = net.gateway_v4,
         dir = dir.display(),
     ))?;
@@ -358,19 +351,6 @@ fn hold_connections(
     })
 }
 
-/// `1000000` as `1,000,000`.
-fn thousands(n: u32) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
 fn report(runs: &[Figures], bans: u32, repetitions: usize) -> Section {
     let of = |pick: fn(&Figures) -> f64| median(&runs.iter().map(pick).collect::<Vec<_>>());
     let mib = |kib: f64| format!("{:.1} MiB", kib / 1024.0);
@@ -382,7 +362,7 @@ fn report(runs: &[Figures], bans: u32, repetitions: usize) -> Section {
             thousands(bans)
         )
     };
-    let connections = thousands(u32::try_from(CONNECTIONS).unwrap_or(u32::MAX));
+    let connections = thousands(CONNECTIONS);
     let bans = thousands(bans);
     let rss_idle = of(|f| f.rss_idle);
     let rss_bans = of(|f| f.rss_bans);
@@ -401,7 +381,7 @@ fn report(runs: &[Figures], bans: u32, repetitions: usize) -> Section {
          spawning `gateway run` until `gateway status` shows every ban in the daemon's lists \
          and in the kernel map. For scale: the L7 section reports NGINX (master + 2 workers) \
          RSS in the same run.\n",
-        nofile = thousands(u32::try_from(NOFILE_NEEDED).unwrap_or(u32::MAX)),
+        nofile = thousands(NOFILE_NEEDED),
     );
     let _ = writeln!(
         summary,

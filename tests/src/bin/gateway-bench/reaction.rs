@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::{
     Ctx,
-    daemon::{Daemon, catching_panics},
+    daemon::{Daemon, catching_panics, xdp_native},
     http1::read_response,
     report::{Chart, Section, Table, median},
 };
@@ -55,13 +55,7 @@ fn measure(ctx: &Ctx) -> Result<Section> {
     let echo = Echo::start(&net)?;
     let mut daemon = Daemon::new(&ctx.gateway, "react")?;
     daemon.write_config(&format!(
-        r#"[xdp]
-interfaces = ["{interface}"]
-mode = "native"
-[xdp.rate_limit]
-packets_per_second = 1000000
-burst = 1000000
-
+        r#"{xdp}
 [[listeners]]
 name = "edge"
 address = "{gateway}:{HTTP_PORT}"
@@ -89,7 +83,7 @@ threshold = {THRESHOLD}
 window = "1m"
 ban = "10m"
 "#,
-        interface = net.gateway_if,
+        xdp = xdp_native(&net.gateway_if),
         gateway = net.gateway_v4,
     ))?;
     daemon.start(&net.gateway)?;

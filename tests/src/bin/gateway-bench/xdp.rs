@@ -31,7 +31,7 @@ use gateway_userspace::{
 
 use crate::{
     Ctx,
-    report::{Chart, Section, Table, median},
+    report::{Chart, Section, Table, median, thousands},
     xdp_filter::XdpFilter,
     xdp_sys::{self, FixedActionProgram, XDP_DROP, XDP_PASS},
 };
@@ -89,20 +89,20 @@ impl Measured {
 /// Settings with the per-source rate limit on, far above what a test run sends, so the packet
 /// passes but its token bucket is looked up and updated.
 fn rate_limit_on() -> RuntimeConfig {
-    RuntimeConfig {
-        features: RuntimeConfig::default().features | features::RATE_LIMIT,
-        packets_per_second: 1_000_000_000,
-        burst_packets: 1_000_000_000,
-        ..RuntimeConfig::default()
-    }
+    rate_limit(1_000_000_000)
 }
 
 /// Settings where every source may send one packet, ever (within the run): the rest is dropped.
 fn rate_limit_tiny() -> RuntimeConfig {
+    rate_limit(1)
+}
+
+/// Settings with the per-source rate limit on at `packets` a second, and as many in a burst.
+fn rate_limit(packets: u64) -> RuntimeConfig {
     RuntimeConfig {
         features: RuntimeConfig::default().features | features::RATE_LIMIT,
-        packets_per_second: 1,
-        burst_packets: 1,
+        packets_per_second: packets,
+        burst_packets: packets,
         ..RuntimeConfig::default()
     }
 }
@@ -361,19 +361,6 @@ fn entries_label(n: usize) -> String {
     }
 }
 
-/// `1000000` as `1,000,000`.
-pub(crate) fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
 fn measure(
     ctx: &Ctx,
     gateway: &mut GatewayProgram,
@@ -544,34 +531,26 @@ fn report(
     let hit_one = find(&format!("IPv4 blocklist hit, exact, {}", entries_label(1)));
     let pass_one = find(&format!("IPv4 pass + rate limit, {}", entries_label(1)));
 
-    let hit_vs_reference = ratio(
-        hit_million.and_then(Measured::gateway_ns),
-        hit_million.and_then(Measured::reference_ns),
-    );
-    let hit_growth = ratio(
-        hit_million.and_then(Measured::gateway_ns),
-        hit_one.and_then(Measured::gateway_ns),
-    );
-    let pass_vs_reference = ratio(
-        pass_one.and_then(Measured::gateway_ns),
-        pass_one.and_then(Measured::reference_ns),
-    );
-
+    // The ratios the summary quotes: the hit against the reference, the hit's growth from one
+    // entry to a million, the pass path against the reference.
+    let compared = [
+        (
+            hit_million.and_then(Measured::gateway_ns),
+            hit_million.and_then(Measured::reference_ns),
+        ),
+        (
+            hit_million.and_then(Measured::gateway_ns),
+            hit_one.and_then(Measured::gateway_ns),
+        ),
+        (
+            pass_one.and_then(Measured::gateway_ns),
+            pass_one.and_then(Measured::reference_ns),
+        ),
+    ];
+    let [hit_vs_reference, hit_growth, pass_vs_reference] = compared.map(|(a, b)| ratio(a, b));
     // The same ratios with the harness's own time taken out of both sides.
     let own = |ns: Option<f64>| ns.map(|ns| (ns - harness_ns).max(0.0));
-    let own_ratio = |a: Option<f64>, b: Option<f64>| ratio(own(a), own(b));
-    let own_hit = own_ratio(
-        hit_million.and_then(Measured::gateway_ns),
-        hit_million.and_then(Measured::reference_ns),
-    );
-    let own_growth = own_ratio(
-        hit_million.and_then(Measured::gateway_ns),
-        hit_one.and_then(Measured::gateway_ns),
-    );
-    let own_pass = own_ratio(
-        pass_one.and_then(Measured::gateway_ns),
-        pass_one.and_then(Measured::reference_ns),
-    );
+    let [own_hit, own_growth, own_pass] = compared.map(|(a, b)| ratio(own(a), own(b)));
 
     let mut summary = format!(
         "Each figure is the kernel's mean time per run of `BPF_PROG_TEST_RUN` with a repeat count \
@@ -593,9 +572,9 @@ fn report(
          `XDP_PASS` measures {harness:.0} ns per run here, so a program's own work is roughly its \
          figure minus that; the goals below are judged on the raw figures, as stated, with the \
          ratios of the programs' own work in brackets.\n\n",
-        repeat = thousands(REPEAT as usize),
+        repeat = thousands(REPEAT),
         reps = ctx.repetitions,
-        capacity = thousands(BLOCK_EXACT_CAPACITY as usize),
+        capacity = thousands(BLOCK_EXACT_CAPACITY),
         harness = harness_ns,
     );
     if let Some(error) = reference_error {
