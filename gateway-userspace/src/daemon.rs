@@ -600,8 +600,7 @@ fn start_abuse_loop(
         protected.extend(listener.trusted_proxies.iter().copied());
     }
     for upstream in &config.upstreams {
-        // Validation resolved them already; a name that stopped resolving protects nothing.
-        for address in upstream.endpoint_addrs("upstreams").unwrap_or_default() {
+        for address in upstream.endpoint_addrs() {
             protected.push(Cidr::host(address.ip()));
         }
     }

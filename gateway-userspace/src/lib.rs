@@ -7,7 +7,8 @@
 //!   in the XDP blocklist, the audit log.
 //! - [`admin`]: the root-only Unix-socket API that the CLI talks to.
 //! - [`config`]: the daemon's TOML file, parsed and validated.
-//! - [`auth`]: the authenticate phase: JWTs and API keys to a typed `Identity`.
+//! - [`auth`]: the authenticate phase: JWTs, API keys, client certificates and (legacy) HTTP
+//!   Basic to a typed `Identity`.
 //! - [`authz`]: the authorize phase: per-route scope, role and claim rules and Cedar policies.
 //! - [`validate`]: the validate phase: methods, content types, body limits, JSON Schema, OpenAPI.
 //! - [`ratelimit`]: the rate-limit phase: per-route GCRA limits and quotas by identity, API
@@ -35,6 +36,8 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routing;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod validate;
 pub mod xdp;

@@ -476,6 +476,7 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::testing::headers;
 
     async fn authenticator(
         auth_toml: &str,
@@ -492,17 +493,6 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("authenticator: {e}"));
         (auth, keys, dir)
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                header::HeaderName::from_bytes(name.as_bytes()).expect("test header name"),
-                value.parse().expect("test header value"),
-            );
-        }
-        map
     }
 
     #[tokio::test]

@@ -232,6 +232,9 @@ pub struct UpstreamConfig {
     /// loaded (and again on each reload), and every address it resolves to is an endpoint; set
     /// `tls.server_name` for TLS upstreams named this way.
     pub endpoints: Vec<String>,
+    /// `endpoints` as addresses, resolved once when the config is parsed.
+    #[serde(skip)]
+    addrs: Vec<SocketAddr>,
     /// Default `http1`.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -421,9 +424,16 @@ impl ListenerConfig {
 }
 
 impl UpstreamConfig {
-    /// The endpoint addresses: `IP:PORT` as written, host names resolved now (all of their
-    /// addresses, in the resolver's order); an address named twice is one endpoint.
-    pub fn endpoint_addrs(&self, key: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    /// The endpoint addresses, as [`UpstreamConfig::resolve`] found them when the config was
+    /// parsed.
+    pub fn endpoint_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Resolves `endpoints` (`key` names the upstream in errors) and keeps the addresses:
+    /// `IP:PORT` as written, host names resolved now (all of their addresses, in the resolver's
+    /// order); an address named twice is one endpoint.
+    pub(super) fn resolve(&mut self, key: &str) -> Result<(), ConfigError> {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             let key = format!("{key}.endpoints[{i}]");
@@ -459,7 +469,8 @@ impl UpstreamConfig {
                 ));
             }
         }
-        Ok(addrs)
+        self.addrs = addrs;
+        Ok(())
     }
 }
 
@@ -637,7 +648,6 @@ pub(super) fn validate(
                 "list at least one `IP:PORT` endpoint",
             ));
         }
-        upstream.endpoint_addrs(&key)?;
         if let Some(check) = &upstream.health_check {
             let key = format!("{key}.health_check");
             if !check.path.starts_with('/') || http::Uri::try_from(check.path.as_str()).is_err() {
@@ -940,9 +950,7 @@ mod tests {
             "\"localhost:8081\", \"127.0.0.1:8081\"",
         ))
         .expect("`localhost` resolves through /etc/hosts");
-        let addrs = config.upstreams[0]
-            .endpoint_addrs("upstreams[0]")
-            .expect("addresses");
+        let addrs = config.upstreams[0].endpoint_addrs();
         let v4 = "127.0.0.1:8081".parse::<SocketAddr>().unwrap();
         assert_eq!(
             addrs.iter().filter(|a| **a == v4).count(),
@@ -961,13 +969,7 @@ mod tests {
         assert_eq!(upstream.protocol, UpstreamProtocol::Http1);
         assert_eq!(upstream.balance, Balance::RoundRobin);
         assert_eq!(upstream.connect_timeout, Duration::from_secs(2));
-        assert_eq!(
-            upstream
-                .endpoint_addrs("upstreams[0]")
-                .expect("addresses")
-                .len(),
-            2
-        );
+        assert_eq!(upstream.endpoint_addrs().len(), 2);
         let tls = config.listeners[0].tls.as_ref().expect("a TLS listener");
         assert_eq!(tls.self_signed_names, ["localhost"]);
     }

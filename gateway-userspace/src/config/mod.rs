@@ -221,10 +221,14 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: PathBuf::new(),
             message: error.to_string(),
         })?;
+        // Once per load: the pools and the abuse loop's protected addresses use these.
+        for (i, upstream) in config.upstreams.iter_mut().enumerate() {
+            upstream.resolve(&format!("upstreams[{i}]"))?;
+        }
         config.validate()?;
         Ok(config)
     }

@@ -210,18 +210,7 @@ impl RequestId {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(name, value)| {
-                (
-                    HeaderName::from_bytes(name.as_bytes()).expect("name"),
-                    HeaderValue::from_str(value).expect("value"),
-                )
-            })
-            .collect()
-    }
+    use crate::testing::headers;
 
     #[test]
     fn hop_by_hop_headers_and_those_named_by_connection_go() {

@@ -97,21 +97,9 @@ pub(crate) fn splice(
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderName;
 
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(name, value)| {
-                (
-                    HeaderName::from_bytes(name.as_bytes()).expect("name"),
-                    HeaderValue::from_str(value).expect("value"),
-                )
-            })
-            .collect()
-    }
+    use crate::testing::headers;
 
     #[test]
     fn only_websocket_upgrades_are_recognised() {

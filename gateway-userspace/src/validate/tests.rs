@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use crate::testing::headers;
+use http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::*;
 use crate::config::Config;
@@ -22,17 +23,6 @@ fn route(validate: &str) -> RouteValidation {
         panic!("the route has a validate table");
     };
     route
-}
-
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in pairs {
-        map.append(
-            header::HeaderName::from_bytes(name.as_bytes()).expect("test header name"),
-            HeaderValue::from_str(value).expect("test header value"),
-        );
-    }
-    map
 }
 
 fn uri(text: &str) -> Uri {
