@@ -162,7 +162,9 @@ impl BasicUsers {
         let Some(user) = user.filter(|_| verified) else {
             return Err(AuthError::BadPassword);
         };
-        self.verified.insert(digest, ());
+        if !remembered {
+            self.verified.insert(digest, ());
+        }
         Ok(Identity {
             principal: name.to_owned(),
             method: AuthMethod::Basic,
